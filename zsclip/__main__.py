@@ -1,0 +1,3 @@
+from zsclip.cli import main
+
+main()

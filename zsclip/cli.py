@@ -1,0 +1,75 @@
+"""The terminal layer: a Typer app whose commands live in zsclip/commands/, one module each.
+
+User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and exits with its
+code (2 for usage errors). ZSCLIP_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from zsclip.errors import UserError
+
+app = typer.Typer(
+    name="zsclip",
+    help=(
+        "Zero-shot image classification with CLIP.\n\n"
+        "Example: zsclip classify photos/ --labels \"corgi,jazz album\""
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Order here is the order in `zsclip --help`.
+COMMAND_MODULES = [
+    "classify",
+    "embed",
+    "train",
+    "eval",
+    "shapes",
+    "models",
+    "convert",
+]
+
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"zsclip.commands.{_name}") is not None:
+        importlib.import_module(f"zsclip.commands.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"zsclip: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("zsclip: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as err:  # click usage errors and friends arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.Abort):
+            print("zsclip: aborted", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(err, click.ClickException):
+            if debug:
+                raise
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+    sys.exit(0)
