@@ -1,0 +1,30 @@
+"""Shared fixtures. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _open_clip_vocab() -> Path | None:
+    # Locate the file inside the installed open-clip-torch wheel without importing open_clip
+    # (importing it needs torchvision, which we do not install).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def standard_vocab_path() -> Path:
+    """OpenAI's 49,408-token BPE vocabulary, taken from the open-clip-torch wheel (a test-only install)."""
+    path = _open_clip_vocab()
+    if path is None:
+        pytest.skip("needs the standard vocabulary: pip install --no-deps open-clip-torch")
+    return path
