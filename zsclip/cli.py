@@ -29,12 +29,12 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`.
 COMMAND_MODULES = [
-    "classify",
+    "classify",  # classify, and its --embeddings mode
     "embed",
     "train",
-    "eval",
+    "evaluate",  # the `eval` command
     "shapes",
-    "models",
+    "models",  # models, download
     "convert",
 ]
 
