@@ -40,3 +40,54 @@ def stderr_is_terminal() -> bool:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def stdout_console() -> Console:
+    """A rich console on stdout, for the `table` format only (people at a terminal). Honours NO_COLOR."""
+    return Console(highlight=False, soft_wrap=False)
+
+
+class _NoProgress:
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _BarProgress:
+    """A rich progress bar on stderr; transient, so the terminal is left clean when the run ends."""
+
+    def __init__(self, total: int | None, description: str) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=stderr_console(), transient=True,
+            redirect_stdout=False,  # stdout carries data: it must never be routed through the bar
+        )
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        self._bar.advance(self._task, steps)
+
+    def __enter__(self) -> "_BarProgress":
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+
+def progress(total: int | None, description: str, *, quiet: bool = False) -> "_NoProgress | _BarProgress":
+    """`with progress(n, "classifying") as bar: bar.advance()`. A bar only when stderr is a terminal and not quiet.
+
+    Error lines printed meanwhile (error_line) go to the same stream; rich redraws the bar below them.
+    """
+    if quiet or not stderr_is_terminal() or total == 0:
+        return _NoProgress()
+    return _BarProgress(total, description)

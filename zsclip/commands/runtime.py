@@ -1,0 +1,82 @@
+"""What classify and embed share in the terminal layer: loading the model for inference, the output stream,
+and the loop that writes rows, reports unreadable inputs and drives the progress bar. (No `register`: not a
+command of its own.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+
+from zsclip.errors import UserError
+from zsclip.output import error_line, note, progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from zsclip.checkpoints import LoadedModel
+
+Row = TypeVar("Row")
+
+
+def load_for_inference(
+    model: str | None, *, vocab: Path | None, device: str, precision: str, offline: bool, quiet: bool,
+) -> tuple["LoadedModel", "torch.device", "torch.dtype"]:
+    """Resolve --device and --precision (cheap checks first), then load the model in eval mode there."""
+    from zsclip.checkpoints import load_model
+    from zsclip.devices import resolve_device, resolve_precision
+
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    loaded = load_model(model, vocab=vocab, device=torch_device, offline=offline)
+    if loaded.builtin:
+        note(f"zsclip: using the built-in demo model ({loaded.name}); pick another with --model NAME or PATH "
+             "or the ZSCLIP_MODEL variable (`zsclip models` lists names)", quiet=quiet)
+    return loaded, torch_device, dtype
+
+
+@contextlib.contextmanager
+def output_stream(path: Path | None) -> Iterator[IO[str]]:
+    """--output FILE (written atomically: the file appears only when the run completes) or stdout."""
+    if path is None:
+        yield sys.stdout
+        return
+    from zsclip.atomic import atomic_write
+
+    if path.is_dir():
+        raise UserError(f"--output {str(path)!r} is a folder; give a file name")
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        yield handle
+
+
+def write_rows(
+    rows: Iterable[Row], write: Callable[[Row], None], *, total: int | None, description: str, quiet: bool,
+    error_of: Callable[[Row], tuple[str, str] | None],
+) -> int:
+    """Write every row; one stderr line per unreadable input. Returns how many inputs failed."""
+    failures = 0
+    try:
+        with progress(total, description, quiet=quiet) as bar:
+            for row in rows:
+                write(row)
+                failed = error_of(row)
+                if failed is not None:
+                    failures += 1
+                    error_line(f"{failed[0]}: {failed[1]}")
+                bar.advance()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None
+    return failures
+
+
+def finish(failures: int, total: int, quiet: bool) -> None:
+    """Exit status 1 when some inputs could not be read (all others were written), else return (status 0)."""
+    if failures:
+        note(f"zsclip: {failures} of {total} inputs could not be read (see the errors above)", quiet=quiet)
+        raise SystemExit(1)
