@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from zsclip.checkpoints import LoadedModel, builtin_model_paths, load_model
+from zsclip.checkpoints import LoadedModel, load_model
+from zsclip.paths import builtin_models
 from zsclip.model import CLIP
 from zsclip.transform import Preprocess
 
@@ -62,7 +63,7 @@ def tokenize(texts: str | list[str], model: CLIP | None = None, context_length: 
 
 def available_models() -> list[str]:
     """Names `load` accepts: the built-in models, then the downloadable ones."""
-    names = [p.stem for p in builtin_model_paths()]
+    names = [p.stem for p in builtin_models()]
     try:
         from zsclip import hub
     except ImportError:

@@ -26,7 +26,7 @@ from zsclip.foreign import (
     read_torch_file,
 )
 from zsclip.model import CLIP, CLIPConfig, canonical_preset_name
-from zsclip.paths import weights_dir
+from zsclip.paths import builtin_models, weights_dir
 from zsclip.tokenizer import Tokenizer, tokenizer_for_checkpoint
 from zsclip.transform import PreprocessConfig
 
@@ -169,30 +169,19 @@ def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
     return LoadedModel(model, preprocess, tokenizer, path.stem, path, dict(metadata), builtin)
 
 
-def builtin_model_paths() -> list[Path]:
-    """The models shipped in weights/, the default one first (named in weights/DEFAULT if present)."""
-    folder = weights_dir()
-    paths = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    default_file = folder / "DEFAULT"
-    if default_file.is_file():
-        wanted = default_file.read_text().strip()
-        paths.sort(key=lambda p: p.stem != wanted)
-    return paths
-
-
 def resolve_spec(spec: str | os.PathLike | None, *, offline: bool = False, progress=None) -> Path:
     """Turn what the user typed into a path: a file or folder, a built-in name, or a downloadable name."""
     if spec is None or str(spec) == "":
         spec = os.environ.get("ZSCLIP_MODEL") or None
     if spec is None:
-        builtins = builtin_model_paths()
+        builtins = builtin_models()
         if not builtins:
             raise UserError("no built-in model is installed; pass --model NAME or PATH (see `zsclip models`)")
         return builtins[0]
     text = str(spec)
     if Path(text).expanduser().exists():
         return Path(text).expanduser()
-    for path in builtin_model_paths():
+    for path in builtin_models():
         if path.stem.lower() == text.lower():
             return path
     try:

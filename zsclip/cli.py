@@ -47,7 +47,8 @@ def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
+        code = app(standalone_mode=False)
     except UserError as err:
         if debug:
             raise
@@ -72,4 +73,4 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

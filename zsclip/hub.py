@@ -167,12 +167,7 @@ def fetch_file(
         return download(url, dest, sha256=sha256, offline=offline, headers=headers, progress=callback)
 
 
-def builtin_models() -> list[Path]:
-    """The model files shipped in weights/ (`<name>.safetensors`); empty while none is shipped."""
-    folder = paths.weights_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.glob("*.safetensors") if path.is_file())
+builtin_models = paths.builtin_models  # kept here too: `zsclip models` lists them beside the downloads
 
 
 def catalog() -> list[dict]:

@@ -35,3 +35,17 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "zsclip"
+
+
+def builtin_models() -> list[Path]:
+    """The models shipped in weights/ (`<name>.safetensors`), the default first: the one named in
+    weights/DEFAULT if that file exists, else in name order. Empty when none is shipped."""
+    folder = weights_dir()
+    if not folder.is_dir():
+        return []
+    found = sorted(path for path in folder.glob("*.safetensors") if path.is_file())
+    default_file = folder / "DEFAULT"
+    if default_file.is_file():
+        wanted = default_file.read_text().strip()
+        found.sort(key=lambda path: path.stem != wanted)  # stable: the rest keep name order
+    return found
