@@ -159,12 +159,13 @@ def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
         model = _instantiate(foreign.config, foreign.state_dict, foreign.source)
         preprocess = PreprocessConfig.from_dict(foreign.preprocess)
         metadata = {"source_format": foreign.source}
-    # --vocab, then the checkpoint's own merges, then $ZSCLIP_VOCAB, files beside it (a Hugging Face folder's
-    # vocab.json + merges.txt among them), then the cache folder.
+    # --vocab (or $ZSCLIP_VOCAB, set by load_model), then the checkpoint's own merges, then files beside it
+    # (a Hugging Face folder's vocab.json + merges.txt among them), then the cache folder.
     tokenizer = tokenizer_for_checkpoint(metadata, vocab, path if path.is_dir() else path.parent)
     if tokenizer.vocab_size > model.config.text.vocab_size:
-        raise UserError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{model.config.text.vocab_size}; pass the vocabulary it was trained with (--vocab)")
+        raise UserError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.config.text.vocab_size}; drop --vocab / unset ZSCLIP_VOCAB for this model, "
+                        f"or pass the vocabulary it was trained with")
     builtin = path.resolve().parent == weights_dir().resolve()
     return LoadedModel(model, preprocess, tokenizer, path.stem, path, dict(metadata), builtin)
 
@@ -207,6 +208,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by name or path (None: $ZSCLIP_MODEL, else the built-in model), in eval mode on `device`."""
     path = resolve_spec(spec, offline=offline, progress=progress)
+    if vocab is None and os.environ.get("ZSCLIP_VOCAB"):
+        vocab = os.environ["ZSCLIP_VOCAB"]  # the issue's order: --vocab and $ZSCLIP_VOCAB come first
     loaded = load_path(path, vocab=Path(vocab) if vocab is not None else None)
     if spec is not None:
         loaded.name = str(spec)

@@ -21,8 +21,8 @@ VocabOpt = Annotated[
     typer.Option(
         "--vocab",
         envvar="ZSCLIP_VOCAB",
-        help="BPE vocabulary for checkpoints that do not carry one (bpe_simple_vocab_16e6.txt.gz or a folder "
-        "with vocab.json + merges.txt).",
+        help="BPE vocabulary (bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json + merges.txt); overrides "
+        "the checkpoint's own. Needed for OpenAI/OpenCLIP files when it is neither beside them nor in the cache.",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
