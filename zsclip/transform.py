@@ -149,7 +149,10 @@ def load_image(
 
     draft_size: for JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 (DCT scaling) as far as it can
     while both sides stay >= draft_size, so the shortest side is never below the resize target, whatever
-    the EXIF rotation. None decodes at full size (the exact path). Other formats ignore it.
+    the EXIF rotation. None decodes at full size (the exact path). Other formats ignore it. Measured on a
+    synthetic photo (shapes, lines, noise) with S=224, cosine of the final tensors to the exact path:
+    4000x3000 -> 1/8 (500x375) 0.99973; 1600x1200 -> 1/4 0.99956; 640x480 -> 1/2 (320x240) 0.99675.
+    draft_size=2*S keeps more detail (4000x3000 -> 1/4, 0.99997; 640x480 stays exact) for less speed.
     background: colour that transparent pixels are composited on.
     max_pixels: refuse images whose header declares more pixels than this, before decoding anything.
 
