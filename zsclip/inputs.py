@@ -56,7 +56,7 @@ def _link_problem(path: str) -> str | None:
         return None
     except OSError as err:
         if err.errno == errno.ELOOP:
-            return "symlink cycle (the link points back to itself)"
+            return "symlink cycle (following the link leads back to it)"
         if os.path.islink(path):
             return f"dangling symlink (target {os.readlink(path)!r} does not exist)"
         if err.errno == errno.ENOENT:
@@ -84,8 +84,8 @@ def _walk_folder(folder: str, seen_dirs: set[str]) -> Iterator[InputItem]:
         elif os.path.isfile(child):
             if is_image_name(name):
                 yield InputItem(child)
-        elif os.path.islink(child) and is_image_name(name):
-            yield InputItem(child, _link_problem(child))  # a broken link named like an image: say so
+        elif is_image_name(name):  # named like an image but unusable (broken link, FIFO, socket): say so
+            yield InputItem(child, _link_problem(child) or "not a regular file (a FIFO, socket or device)")
 
 
 def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[InputItem]:
