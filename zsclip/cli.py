@@ -46,6 +46,11 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")
+    if not debug:
+        import warnings
+
+        # PIL's decompression-bomb and corrupt-EXIF warnings: zsclip already reports such inputs in one line.
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     try:
         # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
         code = app(standalone_mode=False)
