@@ -1,0 +1,236 @@
+"""The training job: contrastive pre-training (or fine-tuning) of a CLIP on image-caption pairs.
+
+    run = prepare(config, resume=False, hooks=hooks)    # data checks, model, optimizer, output folder
+    result = run.train()                               # the loop; returns a TrainResult
+
+The loop, one optimizer step at a time: set the lr from the schedule (a pure function of the step), embed the
+batch's images and captions, compute the symmetric contrastive loss (zsclip.loss), step AdamW, clamp the
+temperature. Every `save_every` steps and at the end: model.safetensors, state.pt, validation, report.html
+(zsclip.train_state explains the crash-safe order). The data order is a pure function of (seed, epoch), so a
+resumed run sees exactly the batches an uninterrupted one would have.
+
+No printing and no argv here: the terminal layer passes `Hooks` and renders what they report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from zsclip import data as pairs_data
+from zsclip import train_state as ts
+from zsclip.errors import UserError
+from zsclip.loss import clamp_logit_scale, clip_loss, scale
+from zsclip.schedule import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainConfig:
+    data: str  # pairs file (.tsv / .csv / .jsonl)
+    output: str  # run folder
+    model: str = "small"  # preset name (train from scratch) or checkpoint path (fine-tune)
+    val: str | None = None  # pairs file for retrieval recall@k
+    zeroshot_dir: str | None = None  # folder of class subfolders for zero-shot top-1
+    templates: str | None = None  # prompt set the model is trained for (stored in its metadata)
+    epochs: int | None = None  # total length: epochs, or ...
+    steps: int | None = None  # ... optimizer steps (wins over epochs)
+    batch_size: int = 256  # pairs per step: the contrastive batch (every other pair is a negative)
+    lr: float = 5e-4
+    warmup: int = 100  # steps of linear warmup before the cosine decay
+    weight_decay: float = 0.2
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0  # model init and data order
+    workers: int = 0  # image-decoding processes (0: in the training process)
+    vocab_size: int | None = None  # learn a BPE vocabulary of this size from the captions (from scratch only)
+    skip_missing: bool = False
+    save_every: int = 200  # steps between checkpoints (and validations)
+    log_every: int = 10
+    device: str = "auto"
+    world_size: int = 1
+
+
+@dataclass
+class Hooks:
+    """How the job talks to whoever runs it. Every hook is optional."""
+
+    warn: Callable[[str], None] = lambda message: None
+    note: Callable[[str], None] = lambda message: None
+    on_start: Callable[[int, int], None] = lambda start_step, total_steps: None
+    on_step: Callable[[dict], None] = lambda record: None  # every logged step
+    on_validation: Callable[[dict], None] = lambda record: None
+    should_stop: Callable[[], bool] = lambda: False  # polled after each step (Ctrl-C, SIGTERM)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    interrupted: bool
+    output: Path
+    last_record: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint stays in place."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
+
+
+def lr_for(config: TrainConfig, step: int, total_steps: int) -> float:
+    return lr_at(step, config.lr, min(config.warmup, total_steps), total_steps)
+
+
+def total_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    return (config.epochs if config.epochs is not None else 1) * steps_per_epoch
+
+
+def training_step(model: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor,
+                  autocast: Any) -> torch.Tensor:
+    """One optimizer step on one batch ([B, 3, S, S], [B, L]); returns the (detached) loss."""
+    with autocast():
+        image_features = model.encode_image(images)  # [B, D]
+        text_features = model.encode_text(tokens)  # [B, D]
+    loss = clip_loss(image_features.float(), text_features.float(), model.logit_scale)
+    if not torch.isfinite(loss):
+        return loss.detach()  # the caller stops; no step is taken with a broken gradient
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    clamp_logit_scale(model.logit_scale)
+    return loss.detach()
+
+
+class Run:
+    """A prepared training run (see `prepare`)."""
+
+    def __init__(self, config: TrainConfig, hooks: Hooks, parts: dict[str, Any]) -> None:
+        self.config, self.hooks = config, hooks
+        self.out = Path(config.output)
+        self.__dict__.update(parts)  # model, tokenizer, preprocess, optimizer, dataset, device, ...
+        self.steps_per_epoch = len(self.dataset) // config.batch_size
+        self.total_steps = total_steps_for(config, self.steps_per_epoch)
+        self.last_saved = self.step
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config, hooks = self.config, self.hooks
+        started, interrupted = time.perf_counter(), False
+        record: dict = {}
+        validation: dict = {}
+        hooks.on_start(self.step, self.total_steps)
+        if not ts.has_state(self.out):
+            self.checkpoint(validate=False)  # from the first moment on, the folder holds a loadable model
+        window_start, window_images = time.perf_counter(), 0
+        while self.step < self.total_steps and not interrupted:
+            epoch, batch_index = divmod(self.step, self.steps_per_epoch)
+            for images, tokens in self._loader(epoch, batch_index):
+                lr = lr_for(config, self.step, self.total_steps)
+                set_lr(self.optimizer, lr)
+                loss = training_step(self.model, self.optimizer, images.to(self.device), tokens.to(self.device),
+                                     self.autocast)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at step {self.step + 1}; stopped. {self.out / ts.MODEL_FILE} "
+                        f"keeps the last good checkpoint (step {self.last_saved}); lower --lr or use --precision fp32"
+                    )
+                self.step += 1
+                window_images += images.shape[0]
+                if self.step % config.log_every == 0 or self.step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    record = self._log_step(epoch, loss.item(), lr, window_images / elapsed)
+                    window_start, window_images = time.perf_counter(), 0
+                interrupted = hooks.should_stop()
+                if self.step % config.save_every == 0 or self.step == self.total_steps:
+                    validation = self.checkpoint(validate=True) or validation
+                elif interrupted:
+                    self.checkpoint(validate=False)
+                if interrupted or self.step >= self.total_steps:
+                    break
+        return TrainResult(self.step, self.total_steps, interrupted, self.out, record, validation,
+                           time.perf_counter() - started)
+
+    def _loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        batches = pairs_data.epoch_batches(len(self.dataset), self.config.batch_size, self.config.seed, epoch,
+                                           start_batch)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.config.workers, collate_fn=self.collate,
+            persistent_workers=False,
+        )
+
+    def _log_step(self, epoch: int, loss: float, lr: float, images_per_s: float) -> dict:
+        record = {
+            "event": "train", "step": self.step, "epoch": epoch, "loss": round(loss, 6),
+            "logit_scale": round(scale(self.model.logit_scale.detach()).item(), 4), "lr": lr,
+            "images_per_s": round(images_per_s, 1), "time": round(time.time(), 1),
+        }
+        self.log.write(record)
+        self.hooks.on_step(record)
+        return record
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint(self, validate: bool) -> dict:
+        """Validate (optionally), then write model, state and report for the current step."""
+        from zsclip.checkpoints import save_checkpoint
+        from zsclip.train_report import render_report
+        from zsclip.atomic import atomic_write_text
+
+        validation = self.validate() if validate else {}
+        save_checkpoint(self.out / ts.MODEL_FILE, self.model, preprocess=self.preprocess, tokenizer=self.tokenizer,
+                        metadata=self.metadata())
+        ts.save_state(self.out, {
+            "step": self.step, "config": asdict(self.config), "model_config": self.model.config.to_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "tokenizer": self.tokenizer.to_metadata(), "preprocess": self.preprocess.to_dict(),
+            "metadata": self.metadata(), "rng": ts.rng_states(),
+        })
+        self.last_saved = self.step
+        atomic_write_text(self.out / ts.REPORT_FILE, render_report(self.log.records, f"zsclip run {self.out.name}"))
+        return validation
+
+    def metadata(self) -> dict[str, str]:
+        meta = dict(self.base_metadata)
+        meta.update({"step": str(self.step), "trained_with": "zsclip train"})
+        if self.config.templates:
+            meta["templates"] = self.config.templates
+        return meta
+
+    def validate(self) -> dict:
+        from zsclip import evaluate
+
+        if self.val_pairs is None and self.zeroshot is None:
+            return {}
+        self.model.eval()
+        try:
+            result = evaluate.validation_metrics(self.model, self.tokenizer, self.preprocess, self.device,
+                                                 self.val_pairs, self.zeroshot, self.autocast)
+        finally:
+            self.model.train()
+        record = {"event": "val", "step": self.step, **result}
+        self.log.write(record)
+        self.hooks.on_validation(record)
+        return result
+
+
+def prepare(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> Run:
+    """Check the data, build or load the model, and set up the output folder; raises UserError on mistakes."""
+    from zsclip import train_setup
+
+    return Run(*train_setup.setup(config, resume, hooks or Hooks()))
+
+
+def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> TrainResult:
+    return prepare(config, resume=resume, hooks=hooks).train()
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,167 @@
+"""Everything a training run needs before its first step: checked data, a model with its tokenizer and
+preprocessing (from a preset, a checkpoint, or the saved state of a run being resumed), the optimizer, and
+the output folder with its log. Used by zsclip.train.prepare.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsclip import data as pairs_data
+from zsclip import train_state as ts
+from zsclip.errors import UserError
+from zsclip.schedule import build_optimizer
+
+# Options that may differ when a run is resumed: they change how fast it goes, not what it computes.
+RUNTIME_FIELDS = ("workers", "device", "output", "world_size")
+CACHE_BYTES = 2 << 30
+
+
+def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, Any]]:
+    from zsclip.devices import autocast, resolve_device, resolve_precision
+
+    out = Path(config.output)
+    state = ts.load_state(out) if resume else None
+    if state is None and ts.has_state(out):
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --output")
+    if state is not None:
+        config = _resumed_config(config, state)
+    _check_config(config)
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    pairs = pairs_data.load_pairs(Path(config.data), skip_missing=config.skip_missing, warn=hooks.warn)
+    if len(pairs) < config.batch_size:
+        raise UserError(f"{config.data} has {len(pairs)} usable pairs, fewer than --batch-size {config.batch_size}; "
+                        "lower the batch size")
+    captions = [p.caption for p in pairs]
+    if state is not None:
+        model, tokenizer, preprocess, base_metadata = _from_state(state)
+    else:
+        model, tokenizer, preprocess, base_metadata = _new_model(config, captions, hooks)
+    model.to(device).train()
+    context = model.config.text.context_length
+    truncated = tokenizer.count_truncated(captions, context)
+    if truncated:
+        hooks.warn(f"{truncated} of {len(captions)} captions are longer than the {context}-token context "
+                   "and will be truncated")
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        ts.restore_rng_states(state["rng"])
+        step = int(state["step"])
+    parts = {
+        "model": model, "tokenizer": tokenizer, "preprocess": preprocess, "optimizer": optimizer,
+        "device": device, "autocast": lambda: autocast(device, dtype), "step": step,
+        "dataset": pairs_data.PairDataset(pairs, preprocess, cache=_cache_fits(config, pairs, preprocess)),
+        "collate": pairs_data.Collate(tokenizer, context, preprocess), "base_metadata": base_metadata,
+        "val_pairs": _val_pairs(config, hooks), "zeroshot": _zeroshot(config, base_metadata),
+    }
+    parts["log"] = _open_log(out, config, state, step, len(pairs))
+    return config, hooks, parts
+
+
+def _cache_fits(config: Any, pairs: list, preprocess: Any) -> bool:
+    # Decoded pixels stay in memory (epochs after the first skip decoding) when loading happens in this
+    # process and they fit in CACHE_BYTES; loader workers would each hold a copy that dies with the epoch.
+    return config.workers == 0 and len(pairs) * 3 * preprocess.image_size**2 <= CACHE_BYTES
+
+
+def _check_config(config: Any) -> None:
+    for name in ("batch_size", "save_every", "log_every", "world_size"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.steps is not None and config.steps < 1 or config.epochs is not None and config.epochs < 1:
+        raise UserError("--steps and --epochs must be at least 1")
+    if config.lr <= 0 or config.weight_decay < 0 or config.warmup < 0:
+        raise UserError("--lr must be positive; --weight-decay and --warmup must not be negative")
+
+
+def _resumed_config(given: Any, state: dict) -> Any:
+    """The saved configuration, with only the runtime options taken from this invocation."""
+    saved = dict(state["config"])
+    for name in RUNTIME_FIELDS:
+        saved[name] = getattr(given, name)
+    known = {f.name for f in fields(given)}
+    return type(given)(**{k: v for k, v in saved.items() if k in known})
+
+
+def _new_model(config: Any, captions: list[str], hooks: Any) -> tuple[Any, Any, Any, dict[str, str]]:
+    from zsclip.model import build_model, canonical_preset_name, get_preset
+    from zsclip.tokenizer import find_vocab, train_bpe
+    from zsclip.transform import PreprocessConfig
+
+    if canonical_preset_name(config.model) is None:  # a checkpoint: fine-tune it with its own tokenizer
+        from zsclip.checkpoints import load_model
+
+        if config.vocab_size is not None:
+            raise UserError("--vocab-size applies to training from a preset; a checkpoint keeps its tokenizer")
+        loaded = load_model(config.model)
+        meta = {k: v for k, v in loaded.metadata.items() if k == "templates"}
+        return loaded.model, loaded.tokenizer, loaded.preprocess, {"fine_tuned_from": loaded.name, **meta}
+    model_config = get_preset(config.model)
+    context = model_config.text.context_length
+    if config.vocab_size is not None:
+        hooks.note(f"learning a {config.vocab_size}-token BPE vocabulary from {len(captions)} captions")
+        tokenizer = train_bpe(captions, config.vocab_size, context_length=context)
+    else:
+        tokenizer = find_vocab(None, None)
+        tokenizer.context_length = context
+    model_config.text.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(model_config)
+    preprocess = PreprocessConfig(image_size=model_config.vision.image_size)
+    return model, tokenizer, preprocess, {"preset": config.model}
+
+
+def _from_state(state: dict) -> tuple[Any, Any, Any, dict[str, str]]:
+    from zsclip.model import CLIP, CLIPConfig
+    from zsclip.tokenizer import NeedsStandardVocab, Tokenizer, find_vocab
+    from zsclip.transform import PreprocessConfig
+
+    with torch.device("meta"):
+        model = CLIP(CLIPConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"], assign=True)
+    try:
+        tokenizer = Tokenizer.from_metadata(state["tokenizer"])
+    except NeedsStandardVocab:
+        tokenizer = find_vocab(None, None)
+        tokenizer.context_length = model.config.text.context_length
+    preprocess = PreprocessConfig.from_dict(state["preprocess"])
+    base = {k: v for k, v in state.get("metadata", {}).items() if k not in ("step", "trained_with", "templates")}
+    return model, tokenizer, preprocess, base
+
+
+def _val_pairs(config: Any, hooks: Any) -> list | None:
+    if not config.val:
+        return None
+    return pairs_data.load_pairs(Path(config.val), skip_missing=config.skip_missing, warn=hooks.warn)
+
+
+def _zeroshot(config: Any, metadata: dict[str, str]) -> Any:
+    if not config.zeroshot_dir:
+        return None
+    from zsclip import evaluate
+    from zsclip.labels import load_templates
+
+    templates = load_templates(config.templates, model_default=metadata.get("templates"))
+    return evaluate.ZeroShotSet.from_folder(Path(config.zeroshot_dir), None, templates)
+
+
+def _open_log(out: Path, config: Any, state: dict | None, step: int, n_pairs: int) -> ts.LogWriter:
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        (out / ts.LOG_FILE).unlink(missing_ok=True)
+        log = ts.LogWriter(out, [])
+        log.write({"event": "config", "config": asdict(config), "world_size": config.world_size,
+                   "pairs": n_pairs, "torch": torch.__version__})
+        return log
+    log = ts.LogWriter(out, ts.rewind_log(out, step))
+    log.write({"event": "resume", "step": step, "world_size": config.world_size, "workers": config.workers})
+    return log
