@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,8 +95,21 @@ def classify(
         decode=DecodeOptions(thumbnail_size=THUMBNAIL_SIZE if report is not None else None),
     )
     classifier = _classifier(loaded, label_list, templates, torch_device, dtype)
-    _run(loaded, items, embeddings, classifier, label_list, options, chosen_format, output, report,
-         torch_device, dtype, quiet)
+    predictions, total = _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device,
+                                      dtype)
+    sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
+    _write(predictions, total, label_list, options, sinks, loaded.name)
+
+
+@dataclass(frozen=True)
+class _Sinks:
+    """Where the predictions go: stdout or --output in `fmt`, and the optional HTML report."""
+
+    fmt: str
+    output: Optional[Path]
+    report: Optional[Path]
+    quiet: bool
+    from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
 
 
 def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:
@@ -120,36 +134,39 @@ def _classifier(loaded, label_list, templates, torch_device, dtype):
                             dtype=dtype)
 
 
-def _run(loaded, items, embeddings, classifier, label_list, options, chosen_format, output, report,
-         torch_device, dtype, quiet) -> None:
-    """Produce predictions (from images or saved embeddings), write them, then the report and the exit status."""
+def _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device, dtype):
+    """(iterator of Predictions, number of inputs): from the images, or from saved embeddings."""
     from zsclip.classify import classify_embeddings, classify_images, logit_scale_of
-    from zsclip.commands.runtime import finish, output_stream, write_rows
-    from zsclip.formats import prediction_writer
 
     if embeddings is not None:
         table = _read_image_embeddings(embeddings, loaded)
-        predictions = classify_embeddings(table, classifier, label_list, logit_scale_of(loaded.model), options)
-        total = len(table.keys) + len(table.errors)
-    else:
-        predictions = classify_images(loaded.model, items, classifier, label_list, loaded.preprocess, options,
-                                      device=torch_device, dtype=dtype)
-        total = len(items)
+        scale = logit_scale_of(loaded.model)
+        return classify_embeddings(table, classifier, label_list, scale, options), len(table.keys) + len(table.errors)
+    predictions = classify_images(loaded.model, items, classifier, label_list, loaded.preprocess, options,
+                                  device=torch_device, dtype=dtype)
+    return predictions, len(items)
+
+
+def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
+    """Write every prediction, then the report; exit status 1 when some inputs could not be read."""
+    from zsclip.commands.runtime import finish, output_stream, write_rows
+    from zsclip.formats import prediction_writer
+
     kept: list = []
-    with output_stream(output) as stream:
-        writer = prediction_writer(chosen_format, stream, min(options.top_k, len(label_list)))
+    with output_stream(sinks.output) as stream:
+        writer = prediction_writer(sinks.fmt, stream, min(options.top_k, len(label_list)))
 
         def write(prediction) -> None:
             writer.write(prediction)
-            if report is not None:
+            if sinks.report is not None:
                 kept.append(prediction)
 
-        failures = write_rows(predictions, write, total=total, description="classifying", quiet=quiet,
+        failures = write_rows(predictions, write, total=total, description="classifying", quiet=sinks.quiet,
                               error_of=lambda p: None if p.error is None else (p.path, p.error))
         writer.close()
-    if report is not None:
-        _write_report(report, kept, label_list, loaded.name, options.multi_label, from_embeddings=embeddings)
-    finish(failures, total, quiet)
+    if sinks.report is not None:
+        _write_report(sinks.report, kept, label_list, model_name, options.multi_label, sinks.from_embeddings)
+    finish(failures, total, sinks.quiet)
 
 
 def _read_image_embeddings(path: Path, loaded):
@@ -172,7 +189,7 @@ def _read_image_embeddings(path: Path, loaded):
 def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:
     from zsclip.report import thumbnail_for, write_report
 
-    if from_embeddings is not None:  # nothing was decoded: read thumbnails from the files if they are still there
+    if from_embeddings:  # nothing was decoded: read thumbnails from the files if they are still there
         for prediction in predictions:
             if prediction.error is None:
                 prediction.thumbnail = thumbnail_for(prediction.path)
