@@ -218,3 +218,25 @@ def test_table_respects_no_color(world: dict) -> None:
     plain = classify(world, *args, env={"FORCE_COLOR": "1", "NO_COLOR": "1", "COLUMNS": "120"})
     assert "\x1b[" in coloured.stdout  # styles are on when forced ...
     assert "\x1b[3" not in plain.stdout.replace("\x1b[3m", "")  # ... but no colour codes under NO_COLOR
+
+
+def test_progress_bar_keeps_stdout_clean(world: dict, monkeypatch, tmp_path: Path) -> None:
+    from zsclip import output
+
+    monkeypatch.setattr(output, "stderr_is_terminal", lambda: True)
+    output.stderr_console.cache_clear()  # the console reads FORCE_COLOR when it is made: make it afresh
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    result = classify(world, *world["expected"], str(bad), "--labels", LABELS, env={"FORCE_COLOR": "1"})
+    assert result.code == 1
+    assert [row["path"] for row in parse("jsonl", result.stdout)] == [*world["expected"], str(bad)]
+    assert "classifying" in result.stderr and f"zsclip: error: {bad}: " in result.stderr
+    assert "classifying" not in classify(world, *world["expected"], "-l", LABELS, "-q", env={"FORCE_COLOR": "1"}).stderr
+    output.stderr_console.cache_clear()
+
+
+def test_empty_folder_warns_and_exits_0(world: dict, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    result = classify(world, str(tmp_path / "empty"), "--labels", LABELS)
+    assert result.code == 0 and result.stdout == "" and "no images found" in result.stderr

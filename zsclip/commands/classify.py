@@ -72,7 +72,7 @@ def classify(
     from zsclip.formats import choose_format
     from zsclip.inputs import expand_inputs
     from zsclip.labels import resolve_labels
-    from zsclip.output import stdout_is_terminal
+    from zsclip.output import stdout_is_terminal, warn
     from zsclip.pipeline import DecodeOptions, default_workers
     from zsclip.report import THUMBNAIL_SIZE
 
@@ -83,6 +83,9 @@ def classify(
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
     items = None if embeddings is not None else expand_inputs(inputs or [], sys.stdin)
+    if items == []:
+        warn("no images found in the INPUT given (folders are searched for image file extensions)")
+        return
 
     from zsclip.commands.runtime import load_for_inference
 

@@ -54,6 +54,7 @@ def embed(
     from zsclip.errors import UserError
     from zsclip.formats import EmbeddingFile, EmbeddingStream
     from zsclip.inputs import expand_inputs
+    from zsclip.output import warn
     from zsclip.pipeline import default_workers
 
     texts = _gather_texts(text, texts_file)
@@ -63,6 +64,10 @@ def embed(
         raise UserError("nothing to embed: give images or folders, - for paths on stdin, or --text TEXT")
     sink = EmbeddingFile(output) if output is not None else EmbeddingStream(sys.stdout, fmt.strip().lower())
     items = expand_inputs(inputs, sys.stdin) if texts is None else None
+    if items == []:
+        warn("no images found in the INPUT given (folders are searched for image file extensions)")
+        if output is None:
+            return  # an output file is still written, empty, so a pipeline finds what it expects
 
     loaded, torch_device, dtype = load_for_inference(model, vocab=vocab, device=device, precision=precision,
                                                      offline=offline, quiet=quiet)
