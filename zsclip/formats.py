@@ -14,13 +14,12 @@ import ast
 import csv
 import ctypes
 import json
-import os
 import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable
+from typing import IO, TYPE_CHECKING, Any
 
 from zsclip.atomic import atomic_write, atomic_write_text
 from zsclip.errors import UserError
@@ -182,7 +181,7 @@ class EmbeddingStream:
             self.writer.writerow([item.key] + values)
         self.stream.flush()
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         pass
 
 
@@ -215,29 +214,36 @@ class EmbeddingFile:
     _jsonl: Any = None
 
     def __post_init__(self) -> None:
-        suffix = self.path.suffix.lower()
-        if suffix not in EMBEDDING_FILE_SUFFIXES:
+        self.suffix = self.path.suffix.lower()
+        if self.suffix not in EMBEDDING_FILE_SUFFIXES:
             raise UserError(f"--output {str(self.path)!r}: name the file .npy, .safetensors or .jsonl")
-        if suffix == ".jsonl":
+        if self.path.is_dir():
+            raise UserError(f"--output {str(self.path)!r} is a folder; give a file name")
+
+    def _jsonl_handle(self) -> IO[str]:
+        # Opened on first use, so a run that fails before writing leaves no temporary file behind.
+        if self._jsonl is None:
             self._context = atomic_write(self.path, "w", encoding="utf-8")
             self._jsonl = self._context.__enter__()
+        return self._jsonl
 
     def write(self, item: "Embedding") -> None:
         self.kind = item.kind
-        if self._jsonl is not None:
-            self._jsonl.write(embedding_line(item))
+        if self.suffix == ".jsonl":
+            self._jsonl_handle().write(embedding_line(item))  # streamed: jsonl needs no row count up front
         elif item.error is None:  # binary files hold only the rows that were embedded
             self.keys.append(item.key)
             self.vectors.append(item.vector)
 
     def close(self, ok: bool = True) -> None:
-        if self._jsonl is not None:
+        """Put the file in place (ok) or leave the old one untouched (not ok)."""
+        if self.suffix == ".jsonl":
             if ok:
+                self._jsonl_handle()
                 self._context.__exit__(None, None, None)
-            else:  # hand the context an exception so it removes its temporary file instead of renaming it
-                aborted = RuntimeError("embedding run aborted")
-                self._context.__exit__(RuntimeError, aborted, None)
-        elif ok and self.path.suffix.lower() == ".npy":
+            elif self._jsonl is not None:  # hand the context an exception: it removes its temporary file
+                self._context.__exit__(RuntimeError, RuntimeError("embedding run aborted"), None)
+        elif ok and self.suffix == ".npy":
             self._write_npy()
         elif ok:
             self._write_safetensors()

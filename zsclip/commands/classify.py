@@ -80,6 +80,8 @@ def classify(
     if threshold is not None and not multi_label:
         raise UserError("--threshold only applies with --multi-label")
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
+    if report is not None and report.is_dir():
+        raise UserError(f"--report {report} is a folder; give a file name such as report.html")
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
     items = None if embeddings is not None else expand_inputs(inputs or [], sys.stdin)

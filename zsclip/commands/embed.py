@@ -74,11 +74,11 @@ def embed(
     if isinstance(sink, EmbeddingFile):
         sink.model_name = loaded.name
     if texts is not None:
-        rows = embed_texts(loaded.model, loaded.tokenizer, texts, device=torch_device, dtype=dtype)
-        total = len(texts)
+        rows, total = embed_texts(loaded.model, loaded.tokenizer, texts, device=torch_device, dtype=dtype), len(texts)
     else:
+        workers = default_workers() if workers is None else workers
         rows = embed_images(loaded.model, items, loaded.preprocess, device=torch_device, dtype=dtype,
-                            batch_size=batch_size, workers=default_workers() if workers is None else workers)
+                            batch_size=batch_size, workers=workers)
         total = len(items)
     ok = False
     try:
@@ -86,7 +86,7 @@ def embed(
                               error_of=lambda row: None if row.error is None else (row.key, row.error))
         ok = True
     finally:
-        sink.close(ok) if isinstance(sink, EmbeddingFile) else sink.close()
+        sink.close(ok)
     finish(failures, total, quiet)
 
 
