@@ -160,3 +160,12 @@ def test_npy_header_is_aligned_for_numpy(tmp_path: Path) -> None:
         header = _npy_header(rows, 512)
         assert len(header) % 64 == 0 and header.endswith(b"\n") and header.startswith(b"\x93NUMPY\x01\x00")
 
+
+
+def test_bf16_embeddings_are_still_unit_fp32_and_close(world: dict) -> None:
+    exact, low = ([json.loads(line)["embedding"] for line in embed(world, *world["expected"], "--precision", p).stdout
+                   .splitlines()] for p in ("fp32", "bf16"))
+    assert len(low) == len(exact) == 4
+    for a, b in zip(exact, low):
+        assert abs(norm(b) - 1) < 1e-5
+        assert sum(x * y for x, y in zip(a, b)) > 0.98
