@@ -57,9 +57,7 @@ def save_checkpoint(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write `model` as a self-describing zsclip .safetensors file, atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
-
-    from zsclip.atomic import temporary_sibling
+    from zsclip.safetensors_io import write_safetensors
 
     header = {
         **{k: str(v) for k, v in (metadata or {}).items()},
@@ -69,18 +67,7 @@ def save_checkpoint(
         "preprocess": json.dumps(preprocess.to_dict()),
         **tokenizer.to_metadata(),
     }
-    # safetensors refuses views that share memory; every tensor gets its own contiguous CPU copy.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors(path, model.state_dict(), header)
 
 
 # ------------------------------------------------------------------------------------------- loading

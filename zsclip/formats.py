@@ -263,18 +263,11 @@ class EmbeddingFile:
         atomic_write_text(sidecar_path(self.path, self.kind), "".join(_sidecar_key(k) + "\n" for k in self.keys))
 
     def _write_safetensors(self) -> None:
-        # Written by hand: the safetensors package's own writer needs numpy, which zsclip does not use at run time.
-        matrix = self._matrix()
-        data = _le_bytes(matrix)
+        from zsclip.safetensors_io import write_safetensors
+
         metadata = {"format": "pt", "zsclip.kind": self.kind, "zsclip.model": self.model_name,
                     "zsclip.rows": json.dumps(self.keys, ensure_ascii=False)}
-        header = {"__metadata__": metadata,
-                  "embeddings": {"dtype": "F32", "shape": list(matrix.shape), "data_offsets": [0, len(data)]}}
-        text = json.dumps(header, ensure_ascii=False).encode("utf-8")
-        text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
-        with atomic_write(self.path, "wb") as handle:
-            handle.write(struct.pack("<Q", len(text)) + text)
-            handle.write(data)
+        write_safetensors(self.path, {"embeddings": self._matrix()}, metadata)
 
 
 def _le_bytes(matrix: "torch.Tensor") -> bytes:
