@@ -12,10 +12,10 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def _data_dir(name: str) -> Path:
-    installed = _PACKAGE / "_data" / name
+    installed = _PACKAGE / "_data"  # what the wheel carries
     if installed.is_dir():
-        return installed
-    return _PACKAGE.parent / name  # a source checkout
+        return installed / name
+    return _PACKAGE.parent / name  # a source checkout or an editable install
 
 
 def prompts_dir() -> Path:
