@@ -123,4 +123,5 @@ def test_patterns_and_counts(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         shards.expand_shards(str(tmp_path / "{00000..00009}.tar"))
     assert [shards.count_samples(url) for url in urls] == [4, 3, 4]
+    assert shards.read_captions(urls[1]) == [f"caption 00001{i:04d}" for i in (0, 2, 3)]
     assert shards.split(list("abcdefg"), 1, 3) == ["b", "e"]

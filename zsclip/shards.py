@@ -89,6 +89,22 @@ def count_samples(url: str) -> int:
     return sum(1 for found in kinds.values() if "txt" in found and found & set(IMAGE_EXTENSIONS))
 
 
+def read_captions(url: str) -> list[str]:
+    """The .txt captions of one shard (for learning a vocabulary), without decoding any image."""
+    captions = []
+    try:
+        with tarfile.open(url, mode="r:*") as archive:
+            for member in archive:
+                if member.isfile() and member.name.lower().endswith(".txt"):
+                    handle = archive.extractfile(member)
+                    text = handle.read().decode("utf-8", errors="replace").strip() if handle else ""
+                    if text:
+                        captions.append(text)
+    except (tarfile.TarError, OSError):
+        pass  # a damaged shard: the captions read so far
+    return captions
+
+
 class SkipCounter:
     """A count of skipped samples, shared between the training process and its loader workers."""
 
