@@ -14,7 +14,6 @@ No printing and no argv here: the terminal layer passes `Hooks` and renders what
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,41 +130,40 @@ class Run:
         if not ts.has_state(self.out):
             self.checkpoint(validate=False)  # from the first moment on, the folder holds a loadable model
         window_start, window_images = time.perf_counter(), 0
-        while self.step < self.total_steps and not interrupted:
-            epoch, batch_index = divmod(self.step, self.steps_per_epoch)
-            for images, tokens in self._loader(epoch, batch_index):
-                lr = lr_for(config, self.step, self.total_steps)
-                set_lr(self.optimizer, lr)
-                loss = training_step(self.model, self.optimizer, images.to(self.device), tokens.to(self.device),
-                                     self.autocast)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {self.step + 1}; stopped. {self.out / ts.MODEL_FILE} "
-                        f"keeps the last good checkpoint (step {self.last_saved}); lower --lr or use --precision fp32"
-                    )
-                self.step += 1
-                window_images += images.shape[0]
-                if self.step % config.log_every == 0 or self.step == self.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    record = self._log_step(epoch, loss.item(), lr, window_images / elapsed)
-                    window_start, window_images = time.perf_counter(), 0
-                interrupted = hooks.should_stop()
-                if self.step % config.save_every == 0 or self.step == self.total_steps:
-                    validation = self.checkpoint(validate=True) or validation
-                elif interrupted:
-                    self.checkpoint(validate=False)
-                if interrupted or self.step >= self.total_steps:
-                    break
+        for images, tokens in self._loader():
+            epoch = self.step // self.steps_per_epoch
+            lr = lr_for(config, self.step, self.total_steps)
+            set_lr(self.optimizer, lr)
+            loss = training_step(self.model, self.optimizer, images.to(self.device), tokens.to(self.device),
+                                 self.autocast)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at step {self.step + 1}; stopped. {self.out / ts.MODEL_FILE} "
+                    f"keeps the last good checkpoint (step {self.last_saved}); lower --lr or use --precision fp32"
+                )
+            self.step += 1
+            window_images += images.shape[0]
+            if self.step % config.log_every == 0 or self.step == self.total_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                record = self._log_step(epoch, loss.item(), lr, window_images / elapsed)
+                window_start, window_images = time.perf_counter(), 0
+            interrupted = hooks.should_stop()
+            if self.step % config.save_every == 0 or self.step == self.total_steps:
+                validation = self.checkpoint(validate=True) or validation
+            elif interrupted:
+                self.checkpoint(validate=False)
+            if interrupted:
+                break
         return TrainResult(self.step, self.total_steps, interrupted, self.out, record, validation,
                            time.perf_counter() - started)
 
-    def _loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
-        batches = pairs_data.epoch_batches(len(self.dataset), self.config.batch_size, self.config.seed, epoch,
-                                           start_batch)
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.config.workers, collate_fn=self.collate,
-            persistent_workers=False,
-        )
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """One loader for the rest of the run: batches for steps [step, total_steps), epoch after epoch, so
+        loader workers (and the pixels they keep) live as long as the run."""
+        sampler = pairs_data.StepBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.step,
+                                         self.total_steps)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.workers,
+                                           collate_fn=self.collate)
 
     def _log_step(self, epoch: int, loss: float, lr: float, images_per_s: float) -> dict:
         record = {
@@ -230,7 +228,3 @@ def prepare(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = 
 
 def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> TrainResult:
     return prepare(config, resume=resume, hooks=hooks).train()
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

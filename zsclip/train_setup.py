@@ -67,9 +67,9 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
 
 
 def _cache_fits(config: Any, pairs: list, preprocess: Any) -> bool:
-    # Decoded pixels stay in memory (epochs after the first skip decoding) when loading happens in this
-    # process and they fit in CACHE_BYTES; loader workers would each hold a copy that dies with the epoch.
-    return config.workers == 0 and len(pairs) * 3 * preprocess.image_size**2 <= CACHE_BYTES
+    # decoded pixels stay in memory, so epochs after the first skip decoding. Each loader worker keeps its own
+    # copy (batches go round-robin to workers), hence the budget is shared among them.
+    return len(pairs) * 3 * preprocess.image_size**2 * max(1, config.workers) <= CACHE_BYTES
 
 
 def _check_config(config: Any) -> None:
