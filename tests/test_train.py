@@ -144,16 +144,16 @@ def test_crash_during_save_keeps_the_previous_files(world, tmp_path, monkeypatch
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path, monkeypatch):
-    import zsclip.train as job
+    import zsclip.accumulate as job  # the training step's loss (one call per step without --accum-steps)
 
-    real_loss, calls = job.clip_loss, {"n": 0}
+    real_loss, calls = job.local_rows_loss, {"n": 0}
 
-    def loss_goes_nan(*args):
+    def loss_goes_nan(*args, **kwargs):
         calls["n"] += 1
-        value = real_loss(*args)
+        value = real_loss(*args, **kwargs)
         return value * math.nan if calls["n"] == 5 else value
 
-    monkeypatch.setattr(job, "clip_loss", loss_goes_nan)
+    monkeypatch.setattr(job, "local_rows_loss", loss_goes_nan)
     with pytest.raises(TrainingDiverged, match="step 5") as err:
         train(config_for(world, tmp_path / "n", steps=8, save_every=2))
     assert "step 4" in str(err.value) and err.value.exit_code == 1

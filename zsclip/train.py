@@ -21,16 +21,17 @@ from typing import Any, Callable
 
 import torch
 
-from zsclip import data as pairs_data
+from zsclip import batches
 from zsclip import train_state as ts
+from zsclip.accumulate import contrastive_backward
 from zsclip.errors import UserError
-from zsclip.loss import clamp_logit_scale, clip_loss, scale
-from zsclip.schedule import build_optimizer, lr_at, set_lr
+from zsclip.loss import clamp_logit_scale, scale
+from zsclip.schedule import lr_at, set_lr
 
 
 @dataclass
 class TrainConfig:
-    data: str  # pairs file (.tsv / .csv / .jsonl)
+    data: str  # pairs file (.tsv / .csv / .jsonl), or tar shards ('shards/{00000..00099}.tar', zsclip.shards)
     output: str  # run folder
     model: str = "small"  # preset name (train from scratch) or checkpoint path (fine-tune)
     val: str | None = None  # pairs file for retrieval recall@k
@@ -38,11 +39,12 @@ class TrainConfig:
     templates: str | None = None  # prompt set the model is trained for (stored in its metadata)
     epochs: int | None = None  # total length: epochs, or ...
     steps: int | None = None  # ... optimizer steps (wins over epochs)
-    batch_size: int = 256  # pairs per step: the contrastive batch (every other pair is a negative)
+    batch_size: int = 256  # pairs per process and micro-batch; the contrastive batch (every other pair is a
+    # negative) is the global one: world_size x accum_steps x batch_size (zsclip.batches)
     lr: float = 5e-4
     warmup: int = 100  # steps of linear warmup before the cosine decay
     weight_decay: float = 0.2
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only, with loss scaling)
     seed: int = 0  # model init and data order
     workers: int = 0  # image-decoding processes (0: in the training process)
     vocab_size: int | None = None  # learn a BPE vocabulary of this size from the captions (from scratch only)
@@ -50,7 +52,9 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (and validations)
     log_every: int = 10
     device: str = "auto"
-    world_size: int = 1
+    world_size: int = 1  # processes (torchrun's WORLD_SIZE; filled in by the set-up)
+    accum_steps: int = 1  # micro-batches per step, with the loss of one batch K times larger (zsclip.accumulate)
+    grad_checkpointing: bool = False  # recompute transformer blocks in the backward pass: less memory, more time
 
 
 @dataclass
@@ -87,26 +91,19 @@ def lr_for(config: TrainConfig, step: int, total_steps: int) -> float:
     return lr_at(step, config.lr, min(config.warmup, total_steps), total_steps)
 
 
-def total_steps_for(config: TrainConfig, steps_per_epoch: int) -> int:
-    if config.steps is not None:
-        return config.steps
-    return (config.epochs if config.epochs is not None else 1) * steps_per_epoch
-
-
-def training_step(model: Any, optimizer: torch.optim.Optimizer, images: torch.Tensor, tokens: torch.Tensor,
-                  autocast: Any) -> torch.Tensor:
-    """One optimizer step on one batch ([B, 3, S, S], [B, L]); returns the (detached) loss."""
-    with autocast():
-        image_features = model.encode_image(images)  # [B, D]
-        text_features = model.encode_text(tokens)  # [B, D]
-    loss = clip_loss(image_features.float(), text_features.float(), model.logit_scale)
-    if not torch.isfinite(loss):
-        return loss.detach()  # the caller stops; no step is taken with a broken gradient
+def training_step(towers: Any, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  logit_scale: torch.nn.Parameter, world: Any, autocast: Any, scaler: Any) -> torch.Tensor:
+    """One optimizer step on this process's micro-batches ([B, 3, S, S], [B, L] each); returns the loss of the
+    global batch (detached, the same in every process). towers: zsclip.distributed.Towers, maybe DDP-wrapped."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    clamp_logit_scale(model.logit_scale)
-    return loss.detach()
+    loss = contrastive_backward(towers, micro_batches, logit_scale, world, autocast=autocast,
+                                backward=lambda value: scaler.scale(value).backward())
+    if not torch.isfinite(loss):
+        return loss  # the caller stops; no step is taken with a broken gradient
+    scaler.step(optimizer)  # plain optimizer.step() unless fp16 scales the loss
+    scaler.update()
+    clamp_logit_scale(logit_scale)
+    return loss
 
 
 class Run:
@@ -115,9 +112,14 @@ class Run:
     def __init__(self, config: TrainConfig, hooks: Hooks, parts: dict[str, Any]) -> None:
         self.config, self.hooks = config, hooks
         self.out = Path(config.output)
-        self.__dict__.update(parts)  # model, tokenizer, preprocess, optimizer, dataset, device, ...
-        self.steps_per_epoch = len(self.dataset) // config.batch_size
-        self.total_steps = total_steps_for(config, self.steps_per_epoch)
+        self.__dict__.update(parts)  # model, towers, world, source, epoch, position, optimizer, scaler, ...
+        self.global_batch = self.world.world_size * config.accum_steps * config.batch_size
+        self.steps_per_epoch = self.source.samples_per_epoch // self.global_batch
+        if config.steps is not None:
+            self.total_steps = config.steps
+        else:  # from the saved position: right even when the global batch changed since the save
+            self.total_steps = self.step + batches.steps_left(self.epoch, self.position, config.epochs or 1,
+                                                              self.global_batch, self.source.samples_per_epoch)
         self.last_saved = self.step
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -130,40 +132,41 @@ class Run:
         if not ts.has_state(self.out):
             self.checkpoint(validate=False)  # from the first moment on, the folder holds a loadable model
         window_start, window_images = time.perf_counter(), 0
-        for images, tokens in self._loader():
-            epoch = self.step // self.steps_per_epoch
+        for micro_batches in self._steps():
+            epoch = self.epoch
             lr = lr_for(config, self.step, self.total_steps)
             set_lr(self.optimizer, lr)
-            loss = training_step(self.model, self.optimizer, images.to(self.device), tokens.to(self.device),
-                                 self.autocast)
+            on_device = [(images.to(self.device), tokens.to(self.device)) for images, tokens in micro_batches]
+            loss = training_step(self.towers, self.optimizer, on_device, self.model.logit_scale, self.world,
+                                 self.autocast, self.scaler)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss became {loss.item()} at step {self.step + 1}; stopped. {self.out / ts.MODEL_FILE} "
                     f"keeps the last good checkpoint (step {self.last_saved}); lower --lr or use --precision fp32"
                 )
             self.step += 1
-            window_images += images.shape[0]
+            self.epoch, self.position = batches.advance(self.epoch, self.position, self.global_batch,
+                                                        self.source.samples_per_epoch)
+            window_images += self.global_batch
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 record = self._log_step(epoch, loss.item(), lr, window_images / elapsed)
                 window_start, window_images = time.perf_counter(), 0
-            interrupted = hooks.should_stop()
+            interrupted = self.world.any(hooks.should_stop(), self.device)  # every process stops at the same step
             if self.step % config.save_every == 0 or self.step == self.total_steps:
                 validation = self.checkpoint(validate=True) or validation
             elif interrupted:
                 self.checkpoint(validate=False)
             if interrupted:
                 break
+        self.world.barrier()  # the others wait for rank 0's last checkpoint
         return TrainResult(self.step, self.total_steps, interrupted, self.out, record, validation,
                            time.perf_counter() - started)
 
-    def _loader(self) -> torch.utils.data.DataLoader:
-        """One loader for the rest of the run: batches for steps [step, total_steps), epoch after epoch, so
-        loader workers (and the pixels they keep) live as long as the run."""
-        sampler = pairs_data.StepBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.step,
-                                         self.total_steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.workers,
-                                           collate_fn=self.collate)
+    def _steps(self) -> Any:
+        """This process's micro-batches for steps [step, total_steps), a list of accum_steps per step. For a pairs
+        file one loader serves the whole rest of the run, so its workers (and the pixels they keep) live as long."""
+        return self.source.steps(self.epoch, self.position, self.total_steps - self.step)
 
     def _log_step(self, epoch: int, loss: float, lr: float, images_per_s: float) -> dict:
         record = {
@@ -171,13 +174,17 @@ class Run:
             "logit_scale": round(scale(self.model.logit_scale.detach()).item(), 4), "lr": lr,
             "images_per_s": round(images_per_s, 1), "time": round(time.time(), 1),
         }
+        if self.skipped is not None:  # tar shards: bad samples skipped so far, all processes together
+            record["skipped"] = self.world.sum_int(self.skipped.value, self.device)
         self.log.write(record)
         self.hooks.on_step(record)
         return record
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def checkpoint(self, validate: bool) -> dict:
-        """Validate (optionally), then write model, state and report for the current step."""
+        """Validate (optionally), then write model, state and report for the current step. Rank 0 only."""
+        if not self.world.is_main:
+            return {}
         from zsclip.checkpoints import save_checkpoint
         from zsclip.train_report import render_report
         from zsclip.atomic import atomic_write_text
@@ -189,7 +196,10 @@ class Run:
             "step": self.step, "config": asdict(self.config), "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "tokenizer": self.tokenizer.to_metadata(), "preprocess": self.preprocess.to_dict(),
-            "metadata": self.metadata(), "rng": ts.rng_states(),
+            "metadata": self.metadata(), "rng": ts.rng_states(), "scaler": self.scaler.state_dict(),
+            # where the data stands, globally: a resume with another number of processes continues from here
+            "epoch": self.epoch, "position": self.position, "global_batch": self.global_batch,
+            "world_size": self.world.world_size,
         })
         self.last_saved = self.step
         atomic_write_text(self.out / ts.REPORT_FILE, render_report(self.log.records, f"zsclip run {self.out.name}"))

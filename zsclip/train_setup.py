@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from zsclip import data as pairs_data
+from zsclip import train_parallel as tp
 from zsclip import train_state as ts
 from zsclip.errors import UserError
 from zsclip.schedule import build_optimizer
 
-# Options that may differ when a run is resumed: they change how fast it goes, not what it computes.
-RUNTIME_FIELDS = ("workers", "device", "output", "world_size")
+# Options that may differ when a run is resumed: they change how fast it goes, not what it computes (the
+# process count and accum_steps change the global batch; the run goes on from the same sample, zsclip.batches).
+RUNTIME_FIELDS = ("workers", "device", "output", "world_size", "accum_steps", "grad_checkpointing")
 CACHE_BYTES = 2 << 30
 
 
@@ -26,44 +28,66 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
     from zsclip.devices import autocast, resolve_device, resolve_precision
 
     out = Path(config.output)
-    state = ts.load_state(out) if resume else None
-    if state is None and ts.has_state(out):
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --output")
+    world, device, config = tp.start(config, resolve_device)  # torchrun's processes join one group here
+    state = tp.shared_state(world, lambda: _saved_state(out, resume))  # read by rank 0, sent to the others
     if state is not None:
         config = _resumed_config(config, state)
     _check_config(config)
-    device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
-    pairs = pairs_data.load_pairs(Path(config.data), skip_missing=config.skip_missing, warn=hooks.warn)
-    if len(pairs) < config.batch_size:
-        raise UserError(f"{config.data} has {len(pairs)} usable pairs, fewer than --batch-size {config.batch_size}; "
-                        "lower the batch size")
-    captions = [p.caption for p in pairs]
+    shard_info, pairs = None, []
+    if tp.is_shards(config.data):
+        shard_info = tp.shard_data(config.data, world, config.workers or 0,
+                                   config.vocab_size is not None and state is None, hooks.warn)
+        captions, samples = shard_info.captions, shard_info.samples_per_epoch
+    else:
+        pairs = pairs_data.load_pairs(Path(config.data), skip_missing=config.skip_missing, warn=hooks.warn)
+        captions, samples = [p.caption for p in pairs], len(pairs)
+    tp.check_global_batch(samples, config, world, config.data)
     if state is not None:
         model, tokenizer, preprocess, base_metadata = _from_state(state)
     else:
         model, tokenizer, preprocess, base_metadata = _new_model(config, captions, hooks)
     model.to(device).train()
+    model.set_grad_checkpointing(config.grad_checkpointing)
     context = model.config.text.context_length
-    truncated = tokenizer.count_truncated(captions, context)
+    truncated = tokenizer.count_truncated(captions, context) if captions else 0
     if truncated:
         hooks.warn(f"{truncated} of {len(captions)} captions are longer than the {context}-token context "
                    "and will be truncated")
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    step = 0
+    scaler = tp.grad_scaler(device, dtype)
+    step, epoch, position = 0, 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         ts.restore_rng_states(state["rng"])
         step = int(state["step"])
+        epoch, position = tp.saved_position(state, samples)
+    if shard_info is None:
+        dataset = pairs_data.PairDataset(pairs, preprocess, cache=_cache_fits(config, pairs, preprocess))
+    else:
+        dataset = tp.shard_dataset(shard_info, preprocess, config, world)
+    collate = pairs_data.Collate(tokenizer, context, preprocess)
     parts = {
         "model": model, "tokenizer": tokenizer, "preprocess": preprocess, "optimizer": optimizer,
         "device": device, "autocast": lambda: autocast(device, dtype), "step": step,
-        "dataset": pairs_data.PairDataset(pairs, preprocess, cache=_cache_fits(config, pairs, preprocess)),
-        "collate": pairs_data.Collate(tokenizer, context, preprocess), "base_metadata": base_metadata,
+        "dataset": dataset, "collate": collate, "base_metadata": base_metadata,
         "val_pairs": _val_pairs(config, hooks), "zeroshot": _zeroshot(config, base_metadata),
+        "world": world, "towers": tp.wrap(model, world, device), "scaler": scaler, "epoch": epoch,
+        "position": position, "source": tp.data_source(config, world, dataset=dataset, collate=collate,
+                                                       shard_info=shard_info),
+        "skipped": getattr(dataset, "skipped", None),
     }
-    parts["log"] = _open_log(out, config, state, step, len(pairs))
+    parts["log"] = _open_log(out, config, state, step, samples) if world.is_main else tp.MemoryLog()
     return config, hooks, parts
+
+
+def _saved_state(out: Path, resume: bool) -> dict | None:
+    state = ts.load_state(out) if resume else None
+    if state is None and ts.has_state(out):
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --output")
+    return state
 
 
 def _cache_fits(config: Any, pairs: list, preprocess: Any) -> bool:
@@ -73,7 +97,7 @@ def _cache_fits(config: Any, pairs: list, preprocess: Any) -> bool:
 
 
 def _check_config(config: Any) -> None:
-    for name in ("batch_size", "save_every", "log_every", "world_size"):
+    for name in ("batch_size", "save_every", "log_every", "world_size", "accum_steps"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if config.steps is not None and config.steps < 1 or config.epochs is not None and config.epochs < 1:

@@ -11,7 +11,8 @@ from zsclip.commands.options import BatchSizeOpt, DeviceOpt, PrecisionOpt, Quiet
 
 
 def train_command(
-    data: Annotated[Path, typer.Option("--data", help="Pairs file: image<TAB>caption lines (.tsv), .csv or .jsonl.")],
+    data: Annotated[Path, typer.Option("--data", help="Pairs file: image<TAB>caption lines (.tsv), .csv or .jsonl; "
+                                       "or tar shards, e.g. 'shards/{00000..00099}.tar' (pip install 'zsclip[shards]').")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, state, log, report.")],
     val: Annotated[Optional[Path], typer.Option("--val", help="Pairs file for retrieval recall@1/5/10.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Preset name (from scratch) or checkpoint (fine-tune).")]
@@ -44,6 +45,10 @@ def train_command(
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Steps between checkpoints.")] = 200,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between log.jsonl lines.")] = 10,
     device: DeviceOpt = "auto",
+    accum_steps: Annotated[int, typer.Option("--accum-steps", min=1, help="Micro-batches per step: a contrastive batch "
+                                             "K times larger at the same memory (exact: features are cached).")] = 1,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute transformer blocks in "
+                                                     "the backward pass: less memory, ~30% more time.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a CLIP on image-caption pairs (symmetric contrastive loss, AdamW, warmup + cosine).
@@ -52,6 +57,8 @@ def train_command(
     Ctrl-C saves and stops; --resume continues to the same final step.
 
     Example: zsclip train --data shapes/train.tsv --output runs/shapes --model small --vocab-size 1024 --epochs 4
+
+    Several processes: torchrun --nproc_per_node N -m zsclip train ... (global batch = N x batch size x accum steps).
     """
     from zsclip.commands.train_progress import run_training
     from zsclip.train import TrainConfig
@@ -61,7 +68,7 @@ def train_command(
         zeroshot_dir=str(zeroshot_dir) if zeroshot_dir else None, templates=templates, epochs=epochs, steps=steps,
         batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, precision=precision, seed=seed,
         workers=workers or 0, vocab_size=vocab_size, skip_missing=skip_missing, save_every=save_every,
-        log_every=log_every, device=device,
+        log_every=log_every, device=device, accum_steps=accum_steps, grad_checkpointing=grad_checkpointing,
     )
     code = run_training(config, resume=resume, quiet=quiet)
     if code:

@@ -30,7 +30,20 @@ def stop_on_signals() -> Iterator[dict]:
 
 
 def run_training(config: Any, *, resume: bool, quiet: bool) -> int:
-    """Run the job; returns the exit code (0 done, 130/143 stopped by a signal after saving)."""
+    """Run the job; returns the exit code (0 done, 130/143 stopped by a signal after saving).
+
+    Under torchrun only rank 0 shows progress, notes and warnings; every process leaves the process group.
+    """
+    from zsclip.distributed import is_main, shutdown
+
+    main = is_main()
+    try:
+        return _run(config, resume=resume, quiet=quiet or not main, main=main)
+    finally:
+        shutdown()
+
+
+def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from zsclip.data import DataError
@@ -55,7 +68,7 @@ def run_training(config: Any, *, resume: bool, quiet: bool) -> int:
             shown = {k: v for k, v in record.items() if k not in ("event", "step")}
             note("step {}: ".format(record["step"]) + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), quiet=quiet)
 
-        hooks = Hooks(warn=warn, note=lambda m: note(m, quiet=quiet), on_start=on_start, on_step=on_step,
+        hooks = Hooks(warn=warn if main else (lambda message: None), note=lambda m: note(m, quiet=quiet), on_start=on_start, on_step=on_step,
                       on_validation=on_validation, should_stop=lambda: received["signal"] is not None)
         try:
             run = prepare(config, resume=resume, hooks=hooks)
@@ -68,7 +81,7 @@ def run_training(config: Any, *, resume: bool, quiet: bool) -> int:
         result = run.train()
     if result.interrupted:
         note(f"stopped at step {result.step} of {result.total_steps}; saved. Continue with the same command "
-             f"and --resume", quiet=False)
+             f"and --resume", quiet=not main)
         return EXIT_CODES.get(received["signal"], 130)
     note(f"done: {result.step} steps in {result.seconds:.0f} s; model: {result.output / 'model.safetensors'}",
          quiet=quiet)
