@@ -252,3 +252,33 @@ def test_fp16_with_loss_scaling_on_cuda(world_data, tmp_path) -> None:
     assert result.step == 3 and math.isfinite(result.last_record["loss"])
     state = torch.load(tmp_path / "cuda" / "state.pt", weights_only=False)
     assert state["scaler"]["scale"] > 0  # the GradScaler ran and its state is saved for --resume
+
+
+@pytest.mark.slow
+def test_torchrun_cli_on_tar_shards(tmp_path) -> None:
+    """The real launch: torchrun, 2 CPU processes, `-m zsclip train` on tar shards with a bad sample."""
+    import json
+    import subprocess
+    import sys
+
+    from test_shards import write_shards
+
+    write_shards(tmp_path / "shards", n_shards=4, per_shard=6, broken={"000020003": "image"})
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "zsclip", "train", "--data", str(tmp_path / "shards" / "{00000..00003}.tar"),
+               "--output", str(out), "--model", "tiny", "--vocab-size", "600", "--batch-size", "2",
+               "--accum-steps", "2", "--steps", "3", "--warmup", "1", "--log-every", "1", "--device", "cpu",
+               "--workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.count("done: 3 steps") == 1  # only rank 0 talks
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == 2 and log[0]["config"]["accum_steps"] == 2
+    train = [r for r in log if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[-1]["skipped"] >= 1  # the undecodable image, counted and skipped
+    assert (out / "model.safetensors").is_file() and (out / "report.html").is_file()

@@ -34,8 +34,8 @@ def clamp_logit_scale(logit_scale: torch.nn.Parameter) -> None:
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All features of the global batch ([N_global, D] each). One process: the local batch as is.
 
-    Under torch.distributed this is where the features of every rank get all-gathered (with gradients), so
-    each rank scores its own rows against every column.
+    The training loop does not come through here: under torchrun (and with --accum-steps) it uses
+    zsclip.distributed.gather_with_grad and local_rows_loss, which score each rank's rows against every column.
     """
     return image_features, text_features
 

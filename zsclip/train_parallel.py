@@ -16,7 +16,7 @@ from zsclip import batches
 from zsclip import distributed as dist_
 from zsclip.errors import UserError
 
-SHUFFLE_BUFFER = 1000  # samples each shard-reading worker shuffles among (img2dataset writes in source order)
+SHUFFLE_BUFFER = 500  # decoded samples each shard-reading worker shuffles among (img2dataset writes in source order)
 
 
 def start(config: Any, resolve_device: Callable[[str], torch.device]) -> tuple[dist_.World, torch.device, Any]:
