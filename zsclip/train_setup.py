@@ -34,15 +34,7 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
         config = _resumed_config(config, state)
     _check_config(config)
     dtype = resolve_precision(config.precision, device)
-    shard_info, pairs = None, []
-    if tp.is_shards(config.data):
-        shard_info = tp.shard_data(config.data, world, config.workers or 0,
-                                   config.vocab_size is not None and state is None, hooks.warn)
-        captions, samples = shard_info.captions, shard_info.samples_per_epoch
-    else:
-        pairs = pairs_data.load_pairs(Path(config.data), skip_missing=config.skip_missing, warn=hooks.warn)
-        captions, samples = [p.caption for p in pairs], len(pairs)
-    tp.check_global_batch(samples, config, world, config.data)
+    shard_info, pairs, captions, samples = _training_data(config, world, state, hooks)
     if state is not None:
         model, tokenizer, preprocess, base_metadata = _from_state(state)
     else:
@@ -56,14 +48,7 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
                    "and will be truncated")
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     scaler = tp.grad_scaler(device, dtype)
-    step, epoch, position = 0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        ts.restore_rng_states(state["rng"])
-        step = int(state["step"])
-        epoch, position = tp.saved_position(state, samples)
+    step, epoch, position = _restore(state, optimizer, scaler, samples) if state is not None else (0, 0, 0)
     if shard_info is None:
         dataset = pairs_data.PairDataset(pairs, preprocess, cache=_cache_fits(config, pairs, preprocess))
     else:
@@ -73,7 +58,9 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
         "model": model, "tokenizer": tokenizer, "preprocess": preprocess, "optimizer": optimizer,
         "device": device, "autocast": lambda: autocast(device, dtype), "step": step,
         "dataset": dataset, "collate": collate, "base_metadata": base_metadata,
-        "val_pairs": _val_pairs(config, hooks), "zeroshot": _zeroshot(config, base_metadata),
+        # validation runs on rank 0 only, so only its machine needs the --val and --zeroshot-dir files
+        "val_pairs": _val_pairs(config, hooks) if world.is_main else None,
+        "zeroshot": _zeroshot(config, base_metadata) if world.is_main else None,
         "world": world, "towers": tp.wrap(model, world, device), "scaler": scaler, "epoch": epoch,
         "position": position, "source": tp.data_source(config, world, dataset=dataset, collate=collate,
                                                        shard_info=shard_info),
@@ -81,6 +68,29 @@ def setup(config: Any, resume: bool, hooks: Any) -> tuple[Any, Any, dict[str, An
     }
     parts["log"] = _open_log(out, config, state, step, samples) if world.is_main else tp.MemoryLog()
     return config, hooks, parts
+
+
+def _training_data(config: Any, world: Any, state: dict | None, hooks: Any) -> tuple[Any, list, list[str], int]:
+    """(shard info or None, pairs, captions, samples an epoch) for a pairs file or tar shards."""
+    if tp.is_shards(config.data):
+        shard_info = tp.shard_data(config.data, world, config.workers or 0,
+                                   config.vocab_size is not None and state is None, hooks.warn)
+        captions, samples, pairs = shard_info.captions, shard_info.samples_per_epoch, []
+    else:
+        shard_info = None
+        pairs = pairs_data.load_pairs(Path(config.data), skip_missing=config.skip_missing, warn=hooks.warn)
+        captions, samples = [p.caption for p in pairs], len(pairs)
+    tp.check_global_batch(samples, config, world, config.data)
+    return shard_info, pairs, captions, samples
+
+
+def _restore(state: dict, optimizer: Any, scaler: Any, samples: int) -> tuple[int, int, int]:
+    """Optimizer, loss scaler and RNG from a saved run; returns (step, epoch, position)."""
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    ts.restore_rng_states(state["rng"])
+    return (int(state["step"]), *tp.saved_position(state, samples))
 
 
 def _saved_state(out: Path, resume: bool) -> dict | None:
