@@ -28,3 +28,10 @@ def standard_vocab_path() -> Path:
     if path is None:
         pytest.skip("needs the standard vocabulary: pip install --no-deps open-clip-torch")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own empty $ZSCLIP_CACHE, so nothing reads or fills the user's ~/.cache/zsclip
+    (classify and embed cache image embeddings and label classifiers there by default)."""
+    monkeypatch.setenv("ZSCLIP_CACHE", str(tmp_path_factory.mktemp("zsclip-cache")))

@@ -23,6 +23,7 @@ from zsclip.pipeline import DecodeOptions, decoded_batches, encode_batches
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.cache import ImageCache
     from zsclip.formats import EmbeddingTable
     from zsclip.model import CLIP
     from zsclip.transform import PreprocessConfig
@@ -54,7 +55,7 @@ class ClassifyOptions:
     threshold: float = DEFAULT_THRESHOLD  # multi-label only: the cosine at which a label's score is 0.5
     batch_size: int = 32
     workers: int = 0  # decoding threads; 0 decodes in the calling thread
-    decode: DecodeOptions = DecodeOptions()
+    decode: DecodeOptions = DecodeOptions()  # exact by default here; the CLI drafts unless --exact-preprocess
 
 
 def logit_scale_of(model: "CLIP") -> float:
@@ -86,14 +87,17 @@ def ranked(scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptio
 def classify_images(
     model: "CLIP", items: Sequence[InputItem], classifier: "torch.Tensor", labels: Sequence[str],
     preprocess: "PreprocessConfig", options: ClassifyOptions, *, device: "torch.device", dtype: "torch.dtype",
+    cache: "ImageCache | None" = None,
 ) -> Iterator[Prediction]:
-    """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on."""
+    """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
+    With `cache`, images whose embedding is stored (file unchanged) are neither decoded nor encoded."""
     if classifier.shape[1] != len(labels):
         raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
     scale = logit_scale_of(model)
     batches = decoded_batches(items, preprocess, batch_size=options.batch_size, workers=options.workers,
-                              options=options.decode)
-    for batch, features in encode_batches(model, batches, device=device, dtype=dtype):
+                              options=options.decode, cache=cache)
+    for batch, features in encode_batches(model, batches, device=device, dtype=dtype, preprocess=preprocess,
+                                          cache=cache):
         scores = score_features(features, classifier, scale, options)  # [n, C]
         row = 0
         for entry in batch:

@@ -16,6 +16,7 @@ from zsclip.pipeline import DecodeOptions, decoded_batches, encode_batches
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.cache import ImageCache
     from zsclip.model import CLIP
     from zsclip.tokenizer import Tokenizer
     from zsclip.transform import PreprocessConfig
@@ -32,10 +33,14 @@ class Embedding:
 def embed_images(
     model: "CLIP", items: Sequence[InputItem], preprocess: "PreprocessConfig", *, device: "torch.device",
     dtype: "torch.dtype", batch_size: int = 32, workers: int = 0, decode: DecodeOptions = DecodeOptions(),
+    cache: "ImageCache | None" = None,
 ) -> Iterator[Embedding]:
-    """One Embedding per input; unreadable inputs carry `error` instead of a vector."""
-    batches = decoded_batches(items, preprocess, batch_size=batch_size, workers=workers, options=decode)
-    for batch, features in encode_batches(model, batches, device=device, dtype=dtype):
+    """One Embedding per input; unreadable inputs carry `error` instead of a vector. With `cache`, stored
+    embeddings of unchanged files are reused."""
+    batches = decoded_batches(items, preprocess, batch_size=batch_size, workers=workers, options=decode,
+                              cache=cache)
+    for batch, features in encode_batches(model, batches, device=device, dtype=dtype, preprocess=preprocess,
+                                          cache=cache):
         row = 0
         for entry in batch:
             if entry.error is not None:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from zsclip.model import CLIP
     from zsclip.tokenizer import Tokenizer
 
-TEXT_BATCH = 512  # prompts per forward pass of the text tower: all of them for typical label sets
+TEXT_BATCH = 256  # prompts per forward pass of the text tower
 
 
 def make_prompts(labels: Sequence[str], templates: "TemplateSet") -> list[str]:
@@ -28,23 +28,28 @@ def encode_texts(
     model: "CLIP", tokenizer: "Tokenizer", texts: Sequence[str], *, device: "torch.device",
     dtype: "torch.dtype | None" = None, batch_size: int = TEXT_BATCH,
 ) -> "torch.Tensor":
-    """Texts -> L2-normalised fp32 features [N, D], on the CPU. Used for prompts and for `embed --text`."""
+    """Texts -> L2-normalised fp32 features [N, D], on the CPU. Used for prompts and for `embed --text`.
+
+    Texts are sorted by token count and batched in that order, so each batch is only as long as its own longest
+    text (CLIP.encode_text cuts the padding; exact under the causal mask); rows come back in input order.
+    """
     import torch
     import torch.nn.functional as F
 
     from zsclip.devices import autocast
 
-    context = model.config.text.context_length
-    chunks = []
+    if not texts:
+        return torch.zeros(0, model.config.embed_dim)
+    tokens = tokenizer(list(texts), context_length=model.config.text.context_length)  # [N, L]
+    order = tokens.argmax(dim=-1).argsort(descending=True)  # longest first: end token = largest id
+    features = torch.empty(len(texts), model.config.embed_dim)  # [N, D]
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[start:start + batch_size]), context_length=context).to(device)  # [B, L]
+            rows = order[start:start + batch_size]
             with autocast(device, dtype or torch.float32):
-                features = model.encode_text(tokens)  # [B, D]
-            chunks.append(F.normalize(features.float(), dim=-1).cpu())
-    if not chunks:
-        return torch.zeros(0, model.config.embed_dim)
-    return torch.cat(chunks)  # [N, D]
+                encoded = model.encode_text(tokens[rows].to(device))  # [B, D]
+            features[rows] = F.normalize(encoded.float(), dim=-1).cpu()
+    return features  # [N, D]
 
 
 def build_classifier(

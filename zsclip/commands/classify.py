@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsclip.commands.options import (BatchSizeOpt, DeviceOpt, ModelOpt, OfflineOpt, PrecisionOpt, QuietOpt,
-                                     VocabOpt, WorkersOpt)
+from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, ModelOpt, OfflineOpt,
+                                     PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
 
 EPILOG = """\b
 Examples:
@@ -61,6 +61,8 @@ def classify(
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
+    exact_preprocess: ExactPreprocessOpt = False,
+    cache: CacheOpt = True,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
@@ -89,7 +91,7 @@ def classify(
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
-    from zsclip.commands.runtime import load_for_inference
+    from zsclip.commands.runtime import cache_summary, image_cache, load_for_inference
 
     loaded, torch_device, dtype = load_for_inference(model, vocab=vocab, device=device, precision=precision,
                                                      offline=offline, quiet=quiet)
@@ -97,13 +99,16 @@ def classify(
     options = ClassifyOptions(
         top_k=top_k, multi_label=multi_label, threshold=default_threshold if threshold is None else threshold,
         batch_size=batch_size, workers=default_workers() if workers is None else workers,
-        decode=DecodeOptions(thumbnail_size=THUMBNAIL_SIZE if report is not None else None),
+        decode=DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess,
+                                       thumbnail_size=THUMBNAIL_SIZE if report is not None else None),
     )
-    classifier = _classifier(loaded, label_list, templates, torch_device, dtype)
+    classifier = _classifier(loaded, label_list, templates, torch_device, dtype, use_cache=cache)
+    images_cache = image_cache(loaded, options.decode, dtype, cache and embeddings is None)
     predictions, total = _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device,
-                                      dtype)
+                                      dtype, images_cache)
     sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
     _write(predictions, total, label_list, options, sinks, loaded.name)
+    cache_summary(images_cache, quiet)
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,11 @@ def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float
         return default
 
 
-def _classifier(loaded, label_list, templates, torch_device, dtype):
-    """[D, C] zero-shot weights for the labels, with a warning when prompts are too long for the model."""
+def _classifier(loaded, label_list, templates, torch_device, dtype, *, use_cache: bool):
+    """[D, C] zero-shot weights for the labels, with a warning when prompts are too long for the model; read from
+    (and written to) the classifier cache when the model has a file to identify it by."""
+    from zsclip import cache
+    from zsclip.devices import precision_name
     from zsclip.labels import load_templates
     from zsclip.output import warn
     from zsclip.zeroshot import build_classifier, truncated_prompts
@@ -135,11 +143,20 @@ def _classifier(loaded, label_list, templates, torch_device, dtype):
     cut = truncated_prompts(loaded.tokenizer, label_list, template_set, context)
     if cut:
         warn(f"{cut} prompt(s) are longer than the model's {context} tokens and were cut; use shorter labels")
-    return build_classifier(loaded.model, loaded.tokenizer, label_list, template_set, device=torch_device,
-                            dtype=dtype)
+    model_id = cache.model_identity(loaded.path) if use_cache else None
+    key = None if model_id is None else cache.classifier_key(
+        model_id, loaded.tokenizer.to_metadata(), label_list, template_set.templates, precision_name(dtype), context)
+    shape = (loaded.model.config.embed_dim, len(label_list))
+    weights = cache.load_classifier(key, shape) if key is not None else None
+    if weights is None:
+        weights = build_classifier(loaded.model, loaded.tokenizer, label_list, template_set, device=torch_device,
+                                   dtype=dtype)
+        if key is not None:
+            cache.save_classifier(key, weights, label_list, warn=warn)
+    return weights
 
 
-def _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device, dtype):
+def _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device, dtype, images_cache):
     """(iterator of Predictions, number of inputs): from the images, or from saved embeddings."""
     from zsclip.classify import classify_embeddings, classify_images, logit_scale_of
 
@@ -148,7 +165,7 @@ def _predictions(loaded, items, embeddings, classifier, label_list, options, tor
         scale = logit_scale_of(loaded.model)
         return classify_embeddings(table, classifier, label_list, scale, options), len(table.keys) + len(table.errors)
     predictions = classify_images(loaded.model, items, classifier, label_list, loaded.preprocess, options,
-                                  device=torch_device, dtype=dtype)
+                                  device=torch_device, dtype=dtype, cache=images_cache)
     return predictions, len(items)
 
 

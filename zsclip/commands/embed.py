@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsclip.commands.options import (BatchSizeOpt, DeviceOpt, ModelOpt, OfflineOpt, PrecisionOpt, QuietOpt,
-                                     VocabOpt, WorkersOpt)
+from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, ModelOpt, OfflineOpt,
+                                     PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
 
 EPILOG = """\b
 Examples:
@@ -43,19 +43,21 @@ def embed(
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
+    exact_preprocess: ExactPreprocessOpt = False,
+    cache: CacheOpt = True,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
     """Embed images or texts with CLIP's image or text tower."""
     import sys
 
-    from zsclip.commands.runtime import finish, load_for_inference, write_rows
+    from zsclip.commands.runtime import cache_summary, finish, image_cache, load_for_inference, write_rows
     from zsclip.embed import embed_images, embed_texts
     from zsclip.errors import UserError
     from zsclip.formats import EmbeddingFile, EmbeddingStream
     from zsclip.inputs import expand_inputs
     from zsclip.output import warn
-    from zsclip.pipeline import default_workers
+    from zsclip.pipeline import DecodeOptions, default_workers
 
     texts = _gather_texts(text, texts_file)
     if texts is not None and inputs:
@@ -73,12 +75,15 @@ def embed(
                                                      offline=offline, quiet=quiet)
     if isinstance(sink, EmbeddingFile):
         sink.model_name = loaded.name
+    images_cache = None
     if texts is not None:
         rows, total = embed_texts(loaded.model, loaded.tokenizer, texts, device=torch_device, dtype=dtype), len(texts)
     else:
         workers = default_workers() if workers is None else workers
+        decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess)
+        images_cache = image_cache(loaded, decode, dtype, cache)
         rows = embed_images(loaded.model, items, loaded.preprocess, device=torch_device, dtype=dtype,
-                            batch_size=batch_size, workers=workers)
+                            batch_size=batch_size, workers=workers, decode=decode, cache=images_cache)
         total = len(items)
     ok = False
     try:
@@ -87,6 +92,7 @@ def embed(
         ok = True
     finally:
         sink.close(ok)
+    cache_summary(images_cache, quiet)
     finish(failures, total, quiet)
 
 

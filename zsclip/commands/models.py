@@ -22,7 +22,13 @@ FORMATS = ("table", "json")
 def register(app: typer.Typer) -> None:
     app.command("models")(models_command)
     app.command("download")(download_command)
-    from zsclip import hub  # light: json, urllib, paths
+    # Installing the bar imports zsclip.hub (urllib, http.client, ssl: ~50 ms), so it waits for the app's
+    # callback, which click runs before any command but never for `zsclip --help`.
+    app.callback()(_install_download_progress)
+
+
+def _install_download_progress() -> None:
+    from zsclip import hub
 
     hub.set_progress_factory(progress_bar)
 

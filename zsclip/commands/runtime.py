@@ -17,7 +17,9 @@ from zsclip.output import error_line, note, progress
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.cache import ImageCache
     from zsclip.checkpoints import LoadedModel
+    from zsclip.pipeline import DecodeOptions
 
 Row = TypeVar("Row")
 
@@ -36,6 +38,32 @@ def load_for_inference(
         note(f"zsclip: using the built-in demo model ({loaded.name}); pick another with --model NAME or PATH "
              "or the ZSCLIP_MODEL variable (`zsclip models` lists names)", quiet=quiet)
     return loaded, torch_device, dtype
+
+
+def image_cache(loaded: "LoadedModel", decode: "DecodeOptions", dtype: "torch.dtype", enabled: bool,
+                ) -> "ImageCache | None":
+    """The image-embedding cache for this model, preprocessing and precision; None with --no-cache or when the
+    model has no file to identify it by."""
+    if not enabled:
+        return None
+    from zsclip.cache import ImageCache, image_variant, model_identity
+    from zsclip.devices import precision_name
+    from zsclip.output import warn
+
+    model_id = model_identity(loaded.path)
+    if model_id is None:
+        return None
+    variant = image_variant(model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype))
+    return ImageCache(variant, warn=warn)
+
+
+def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:
+    """One stderr line saying how many images came from the cache, when any did."""
+    if cache is not None and cache.hits:
+        note(f"zsclip: {cache.hits} image embedding(s) reused from the cache, {cache.stored} computed "
+             "(--no-cache to ignore it)", quiet=quiet)
+    if cache is not None:
+        cache.close()
 
 
 @contextlib.contextmanager
