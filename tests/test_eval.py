@@ -12,8 +12,9 @@ import torch
 from zsclip import evaluate, shapes
 from zsclip.errors import UserError
 
-# Measured with `zsclip eval` on the seed-0 held-out set (weights/README.md); the floors sit a little below.
-HELDOUT_FLOOR = 0.80
+# The shipped model scores 96.9% (held-out) and 96.2% (seen) on these fresh sets, 94.5% / 97.8% on the seed-0
+# sets of weights/README.md; the floors sit a little below.
+HELDOUT_FLOOR = 0.88
 SEEN_FLOOR = 0.90
 
 

@@ -79,3 +79,15 @@ def test_same_seed_same_bytes(world, tmp_path):
     other = tmp_path / "other"
     shapes.generate(other, 5, seed=12, image_size=32, val_count=1, eval_per_class=1)
     assert (other / "train/000000.png").read_bytes() != (world / "train/000000.png").read_bytes()
+
+
+def test_shapes_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from zsclip.cli import app
+
+    result = CliRunner().invoke(app, ["shapes", str(tmp_path / "w"), "--count", "3", "--seed", "1",
+                                      "--per-class", "1", "--image-size", "24", "--val-count", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "w" / "train.tsv").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "w" / "heldout").rglob("*.png"))) == 20

@@ -119,7 +119,8 @@ def test_output_folder_of_a_run_needs_resume(world, tmp_path):
 
 
 def test_crash_during_save_keeps_the_previous_files(world, tmp_path, monkeypatch):
-    import safetensors.torch
+    import zsclip.safetensors_io as io
+    import zsclip.train_state as ts
 
     from zsclip.checkpoints import load_path
 
@@ -127,20 +128,34 @@ def test_crash_during_save_keeps_the_previous_files(world, tmp_path, monkeypatch
     run.checkpoint(validate=False)  # step 0
     before = (tmp_path / "c" / "model.safetensors").read_bytes()
     state_before = (tmp_path / "c" / "state.pt").read_bytes()
-    real_save = safetensors.torch.save_file
+    real_bytes, calls = io._raw_bytes, {"n": 0}
 
-    def crash_halfway(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # a half-written file ...
-        raise OSError("disk full")  # ... and the writer dies
+    def dies_after_a_few_tensors(tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:  # some tensors are in the file already: a half-written model
+            raise OSError("disk full")
+        return real_bytes(tensor)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_halfway)
+    monkeypatch.setattr(io, "_raw_bytes", dies_after_a_few_tensors)
     with pytest.raises(OSError):
         run.train()
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
     assert (tmp_path / "c" / "state.pt").read_bytes() == state_before
+    monkeypatch.setattr(io, "_raw_bytes", real_bytes)
+
+    def torch_save_dies(obj, handle):  # now the model is written and the state write dies halfway
+        handle.write(b"half a state")
+        raise OSError("killed")
+
+    monkeypatch.setattr(ts.torch, "save", torch_save_dies)
+    with pytest.raises(OSError):
+        run.checkpoint(validate=False)
+    assert (tmp_path / "c" / "state.pt").read_bytes() == state_before
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.endswith(".tmp")]
     assert load_path(tmp_path / "c" / "model.safetensors").model is not None
+    monkeypatch.undo()
+    resumed = train(config_for(world, tmp_path / "c"), resume=True)  # the older state still resumes
+    assert resumed.step == 6
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path, monkeypatch):
@@ -179,3 +194,60 @@ def test_train_tiny_then_classify(world, tmp_path):
     assert run.exit_code == 0, run.output
     row = json.loads(run.stdout.splitlines()[0])
     assert row["label"] in ("red circle", "blue star")
+
+
+def test_report_page_draws_every_chart():
+    from zsclip.train_report import render_report, svg_chart
+
+    records = [{"event": "config", "config": {"lr": 0.001}}]
+    records += [{"event": "train", "step": s, "loss": 3 - s / 10, "lr": 1e-3, "logit_scale": 14 + s,
+                 "images_per_s": 100.0, "epoch": 0} for s in range(1, 6)]
+    records += [{"event": "val", "step": 5, "image_to_text_R@1": 0.5, "zeroshot_top1": 0.25}]
+    page = render_report(records)
+    assert page.count("<svg") == 4 and page.count("<polyline") == 5
+    assert "zeroshot_top1" in page and "&quot;lr&quot;" in page
+    assert "no data yet" in svg_chart("empty", {"x": []})
+    assert "<polyline" in svg_chart("one point", {"x": [(1.0, 2.0)]})
+
+
+def test_long_captions_are_counted_in_one_warning(world, tmp_path):
+    rows = (world / "train.tsv").read_text().splitlines()
+    long_caption = " ".join(["red"] * 100)
+    rows[1] = rows[1].split("\t")[0] + "\t" + long_caption
+    rows[2] = rows[2].split("\t")[0] + "\t" + long_caption
+    (world / "long.tsv").write_text("\n".join(rows) + "\n")
+    warnings: list[str] = []
+    prepare(config_for(world, tmp_path / "l", data=str(world / "long.tsv")), hooks=Hooks(warn=warnings.append))
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 48 captions")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_finishes(world, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sig"
+    args = [sys.executable, "-m", "zsclip", "train", "--data", str(world / "train.tsv"), "--output", str(out),
+            "--model", "tiny", "--vocab-size", "600", "--batch-size", "8", "--steps", "200", "--save-every",
+            "1000", "--log-every", "1", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    def logged() -> int:
+        path = out / "log.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    deadline = time.time() + 60
+    while time.time() < deadline and logged() < 4:  # the config line and a few steps
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert 0 < state["step"] < 200
+    with_resume = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    assert with_resume.returncode == 0, with_resume.stderr
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 200

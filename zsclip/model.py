@@ -118,6 +118,15 @@ PRESETS: dict[str, CLIPConfig] = {
         text=TextConfig(context_length=32, vocab_size=1024, width=128, heads=4, layers=4),
         quick_gelu=False,
     ),
+    # The built-in model's architecture (weights/README.md): the paper's modified ResNet at 64 px, one bottleneck
+    # per stage, and the small text tower. On the shapes world it learns shape about 3x faster per image than
+    # the ViT above, for ~30% more compute per image. About 2.3 M parameters with a ~700-token vocabulary.
+    "small-resnet": CLIPConfig(
+        embed_dim=128,
+        vision=VisionConfig("resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=8),
+        text=TextConfig(context_length=32, vocab_size=1024, width=128, heads=4, layers=4),
+        quick_gelu=False,
+    ),
 }
 
 
