@@ -13,7 +13,7 @@ from zsclip.tokenizer import train_bpe
 from zsclip.transform import PreprocessConfig
 
 # Presets small enough to run for real on 2 CPU cores; the published ones are checked on the meta device.
-SMALL = {"tiny", "tiny-resnet", "small"}
+SMALL = {"tiny", "tiny-resnet", "small", "small-resnet"}
 
 # Published parameter counts (OpenAI's models, logit_scale included).
 PUBLISHED = {"ViT-B/32": 151_277_313, "RN50": 102_007_137}
