@@ -38,6 +38,9 @@ def svg_chart(title: str, series: Series, *, y_label: str = "") -> str:
     if y1 == y0:
         y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
     plot_w, plot_h = WIDTH - PAD_LEFT - PAD_RIGHT, HEIGHT - PAD_TOP - PAD_BOTTOM
+    per_row = 4
+    legend_rows = math.ceil(len(series) / per_row) if len(series) > 1 else 0
+    height = HEIGHT + 16 * legend_rows  # the legend sits under the x axis, four names a row
 
     def sx(x: float) -> float:
         return PAD_LEFT + (x - x0) / (x1 - x0) * plot_w
@@ -46,7 +49,7 @@ def svg_chart(title: str, series: Series, *, y_label: str = "") -> str:
         return PAD_TOP + (1 - (y - y0) / (y1 - y0)) * plot_h
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" role="img" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" role="img" '
         f'aria-label="{html.escape(title)}">',
         f'<text x="{PAD_LEFT}" y="16" class="title">{html.escape(title)}</text>',
         f'<rect x="{PAD_LEFT}" y="{PAD_TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>',
@@ -63,12 +66,18 @@ def svg_chart(title: str, series: Series, *, y_label: str = "") -> str:
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line if math.isfinite(y))
         if coords:
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        if len(series) > 1:
-            parts.append(f'<text x="{PAD_LEFT + 6 + 150 * i}" y="{PAD_TOP + 14}" fill="{colour}" class="tick">'
-                         f'{html.escape(name)}</text>')
+        if legend_rows:
+            x, y = PAD_LEFT + 125 * (i % per_row), HEIGHT + 4 + 16 * (i // per_row)
+            parts.append(f'<text x="{x}" y="{y}" fill="{colour}" class="tick">&#9632; {html.escape(name)}</text>')
     parts.append(f'<text x="{WIDTH - PAD_RIGHT}" y="{HEIGHT - 2}" class="tick" text-anchor="end">step</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _natural(key: str) -> tuple:
+    # "R@5" before "R@10"
+    head, _, tail = key.rpartition("@")
+    return (head, int(tail)) if tail.isdigit() else (key, 0)
 
 
 def _series(records: Iterable[dict], key: str) -> list[tuple[float, float]]:
@@ -85,7 +94,7 @@ def render_report(records: list[dict], title: str = "zsclip training run") -> st
     config = next((r for r in records if r.get("event") == "config"), {})
     train = [r for r in records if r.get("event", "train") == "train"]
     val = [r for r in records if r.get("event") == "val"]
-    recall_keys = sorted({k for r in val for k in r if "R@" in k or k.startswith("zeroshot")})
+    recall_keys = sorted({k for r in val for k in r if "R@" in k or k.startswith("zeroshot")}, key=_natural)
     charts = [
         svg_chart("loss", {"loss": _series(train, "loss")}),
         svg_chart("learning rate", {"lr": _series(train, "lr")}),
