@@ -218,8 +218,15 @@ class PairDataset(torch.utils.data.Dataset):
             return self.cache[index], self.pairs[index].caption
         from zsclip.transform import load_image, to_tensor
 
+        from zsclip.errors import InputError
+
         pair = self.pairs[index]
-        normalised = to_tensor(load_image(pair.image, background=self.preprocess.background), self.preprocess)
+        try:
+            image = load_image(pair.image, background=self.preprocess.background)
+        except InputError as err:  # passed the header check before training, but does not decode
+            raise UserError(f"line {pair.line}: image {pair.image} cannot be decoded ({err}); fix or remove that "
+                            "row, then continue with --resume") from None
+        normalised = to_tensor(image, self.preprocess)
         # Undo the normalisation: to_tensor's pixels were whole numbers / 255, so rounding recovers them exactly.
         pixels = ((normalised * self._std + self._mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
         if self.cache is not None:
