@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -54,33 +54,42 @@ def eval_command(
         raise UserError(f"unknown --format {fmt!r}: use json or table")
     if pairs is not None and (labels_file is not None or templates is not None):
         raise UserError("--labels-file and --templates apply to class folders, not to --pairs")
-    result = _measure(folder, pairs, labels_file, templates, model, vocab, device, precision, batch_size,
-                      workers or 0, quiet, offline)
-    _render(result, fmt)
-
-
-def _measure(folder, pairs, labels_file, templates, model, vocab, device, precision, batch_size, workers, quiet,
-             offline) -> dict:
     from zsclip import evaluate
-    from zsclip.checkpoints import load_model
-    from zsclip.devices import autocast, resolve_device, resolve_precision
-    from zsclip.output import progress
 
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
-    if folder is not None:  # check the cheap things before loading the model
-        from zsclip.labels import load_templates, read_labels_file
+    # The cheap checks (folders, labels, pairs file) come before the model is loaded.
+    if folder is not None:
+        from zsclip.labels import read_labels_file
 
         labels = read_labels_file(labels_file) if labels_file is not None else None
-        zs = evaluate.ZeroShotSet.from_folder(folder, labels, None)
-        total = len(zs.items)
+        task: Any = evaluate.ZeroShotSet.from_folder(folder, labels, None)
+        total = len(task.items)
     else:
         from zsclip import data
 
-        pair_list = data.load_pairs(pairs)
-        total = len(pair_list)
-    loaded = load_model(model, vocab=vocab, device=torch_device, offline=offline)
-    options = dict(autocast=lambda: autocast(torch_device, dtype), batch_size=batch_size, workers=workers)
+        task = data.load_pairs(pairs)
+        total = len(task)
+    options = {"device": device, "precision": precision, "batch_size": batch_size, "workers": workers or 0}
+    result = _measure(task, templates, _load(model, vocab, device, offline), options, total, quiet)
+    _render(result, fmt)
+
+
+def _load(model: str | None, vocab: Path | None, device: str, offline: bool) -> Any:
+    from zsclip.checkpoints import load_model
+    from zsclip.devices import resolve_device
+
+    return load_model(model, vocab=vocab, device=resolve_device(device), offline=offline)
+
+
+def _measure(task: Any, templates: str | None, loaded: Any, options: dict, total: int, quiet: bool) -> dict:
+    """Zero-shot scores for a ZeroShotSet, retrieval recall for a list of pairs."""
+    from zsclip import evaluate
+    from zsclip.devices import autocast, resolve_device, resolve_precision
+    from zsclip.labels import load_templates
+    from zsclip.output import progress
+
+    device = resolve_device(options["device"])
+    dtype = resolve_precision(options["precision"], device)
+    run = dict(autocast=lambda: autocast(device, dtype), batch_size=options["batch_size"], workers=options["workers"])
     with progress(total, "evaluating", quiet=quiet) as bar:
         done = [0]
 
@@ -88,12 +97,12 @@ def _measure(folder, pairs, labels_file, templates, model, vocab, device, precis
             bar.advance(now - done[0])
             done[0] = now
 
-        if folder is not None:
-            zs.templates = load_templates(templates, model_default=loaded.metadata.get("templates"))
-            return evaluate.evaluate_zeroshot(loaded.model, loaded.tokenizer, loaded.preprocess, zs, torch_device,
-                                              progress=tick, **options)
-        return evaluate.evaluate_pairs(loaded.model, loaded.tokenizer, loaded.preprocess, pair_list, torch_device,
-                                       progress=tick, **options)
+        if isinstance(task, evaluate.ZeroShotSet):
+            task.templates = load_templates(templates, model_default=loaded.metadata.get("templates"))
+            return evaluate.evaluate_zeroshot(loaded.model, loaded.tokenizer, loaded.preprocess, task, device,
+                                              progress=tick, **run)
+        return evaluate.evaluate_pairs(loaded.model, loaded.tokenizer, loaded.preprocess, task, device,
+                                       progress=tick, **run)
 
 
 def _render(result: dict, fmt: str) -> None:
