@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsclip.commands.options import BatchSizeOpt, DeviceOpt, PrecisionOpt, QuietOpt, WorkersOpt
+from zsclip.commands.options import BatchSizeOpt, DeviceOpt, PrecisionOpt, QuietOpt
 
 
 def train_command(
@@ -26,7 +26,9 @@ def train_command(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW decoupled decay.")] = 0.2,
     precision: PrecisionOpt = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Model init and data order.")] = 0,
-    workers: WorkersOpt = 0,
+    workers: Annotated[int, typer.Option(
+        "--workers", "-j", min=0, help="Image-decoding processes (0: decode in the training process). Decoded "
+        "images are kept in memory when they fit.")] = 0,
     vocab_size: Annotated[
         Optional[int], typer.Option("--vocab-size", min=514, help="Learn a BPE vocabulary of this size from the "
                                     "captions (from a preset only; default: the standard 49,408 vocabulary).")
@@ -56,7 +58,8 @@ def train_command(
     Writes model.safetensors (always loadable), state.pt, log.jsonl and report.html into --output.
     Ctrl-C saves and stops; --resume continues to the same final step.
 
-    Example: zsclip train --data shapes/train.tsv --output runs/shapes --model small --vocab-size 1024 --epochs 4
+    Example: zsclip train --data shapes/train.tsv --output runs/shapes --model small-resnet --vocab-size 1024
+    --epochs 4 --lr 1e-3
 
     Several processes: torchrun --nproc_per_node N -m zsclip train ... (global batch = N x batch size x accum steps).
     """
