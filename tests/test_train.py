@@ -251,3 +251,18 @@ def test_ctrl_c_saves_and_resume_finishes(world, tmp_path):
     with_resume = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=120)
     assert with_resume.returncode == 0, with_resume.stderr
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 200
+
+
+def test_fine_tune_a_checkpoint_keeps_its_tokenizer_and_templates(world, tmp_path):
+    from safetensors import safe_open
+
+    train(config_for(world, tmp_path / "base", steps=2, templates="shapes"))
+    base = tmp_path / "base" / "model.safetensors"
+    with pytest.raises(UserError, match="--vocab-size"):
+        prepare(config_for(world, tmp_path / "ft", model=str(base)))
+    result = train(config_for(world, tmp_path / "ft", model=str(base), vocab_size=None, steps=2))
+    assert result.step == 2
+    with safe_open(base, "pt") as a, safe_open(tmp_path / "ft" / "model.safetensors", "pt") as b:
+        assert a.metadata()["tokenizer.merges"] == b.metadata()["tokenizer.merges"]
+        assert b.metadata()["templates"] == "shapes" and "fine_tuned_from" in b.metadata()
+        assert not torch.equal(a.get_tensor("text_projection"), b.get_tensor("text_projection"))  # it trained
