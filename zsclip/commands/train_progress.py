@@ -49,27 +49,30 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
     from zsclip.data import DataError
     from zsclip.train import Hooks, prepare
 
-    with stop_on_signals() as received, Progress(
+    # The bar starts only once the data checks and set-up have passed, so errors print on a clean terminal.
+    bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"), console=stderr_console(), disable=quiet, transient=False,
-    ) as bar:
-        task = bar.add_task("training", total=None, status="")
+    )
+    task = bar.add_task("training", total=None, status="")
 
-        def on_start(start: int, total: int) -> None:
-            bar.update(task, completed=start, total=total)
-            if start:
-                note(f"resuming at step {start} of {total}", quiet=quiet)
+    def on_start(start: int, total: int) -> None:
+        bar.update(task, completed=start, total=total)
+        if start:
+            note(f"resuming at step {start} of {total}", quiet=quiet)
 
-        def on_step(record: dict) -> None:
-            status = f"loss {record['loss']:.4f}  scale {record['logit_scale']:.1f}  {record['images_per_s']:.0f} img/s"
-            bar.update(task, completed=record["step"], status=status)
+    def on_step(record: dict) -> None:
+        status = f"loss {record['loss']:.4f}  scale {record['logit_scale']:.1f}  {record['images_per_s']:.0f} img/s"
+        bar.update(task, completed=record["step"], status=status)
 
-        def on_validation(record: dict) -> None:
-            shown = {k: v for k, v in record.items() if k not in ("event", "step")}
-            note("step {}: ".format(record["step"]) + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), quiet=quiet)
+    def on_validation(record: dict) -> None:
+        shown = {k: v for k, v in record.items() if k not in ("event", "step")}
+        note("step {}: ".format(record["step"]) + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), quiet=quiet)
 
-        hooks = Hooks(warn=warn if main else (lambda message: None), note=lambda m: note(m, quiet=quiet), on_start=on_start, on_step=on_step,
-                      on_validation=on_validation, should_stop=lambda: received["signal"] is not None)
+    with stop_on_signals() as received:
+        hooks = Hooks(warn=warn if main else (lambda message: None), note=lambda m: note(m, quiet=quiet),
+                      on_start=on_start, on_step=on_step, on_validation=on_validation,
+                      should_stop=lambda: received["signal"] is not None)
         try:
             run = prepare(config, resume=resume, hooks=hooks)
         except DataError as err:
@@ -78,7 +81,8 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
             if len(err.problems) > 50:
                 error_line(f"... and {len(err.problems) - 50} more")
             raise
-        result = run.train()
+        with bar:
+            result = run.train()
     if result.interrupted:
         note(f"stopped at step {result.step} of {result.total_steps}; saved. Continue with the same command "
              f"and --resume", quiet=not main)
