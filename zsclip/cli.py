@@ -66,13 +66,13 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as err:  # click usage errors and friends arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.Abort):
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        # Typer 0.29 raises the exceptions of its vendored click (typer._click), older ones click's own: match
+        # on the shape both share rather than on either class.
+        if type(err).__name__ == "Abort":
             print("zsclip: aborted", file=sys.stderr)
             sys.exit(130)
-        if isinstance(err, click.ClickException):
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             if debug:
                 raise
             err.show()
