@@ -105,6 +105,8 @@ def render(results: dict) -> str:
               f"{_ratio(r, 'text-zsclip', 'text-hf-per-label', 'prompts_per_s')} | >= 3x |",
               f"| 700-prompt classifier, prompts/s zsclip / transformers one padded batch | "
               f"{_ratio(r, 'text-zsclip', 'text-hf-batched', 'prompts_per_s')} | |",
+              f"| 700-prompt classifier, prompts/s zsclip / transformers one padded batch with PASSIVE | "
+              f"{_ratio(r, 'text-zsclip', 'text-hf-batched-passive', 'prompts_per_s')} | |",
               f"| cached reclassification with new labels: first run / rerun, wall | "
               f"{_ratio(r, 'zsclip-640-warm', 'zsclip-640', 'wall_s', invert=True)} | >= 5x |",
               f"| bf16 / fp32, model-only ceiling | {_ratio(r, 'ceiling-bf16', 'ceiling-fp32', 'images_per_s')} | |",

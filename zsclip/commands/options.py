@@ -39,9 +39,9 @@ ExactPreprocessOpt = Annotated[
     bool,
     typer.Option(
         "--exact-preprocess",
-        help="Decode every image at full size: the reference preprocessing, bit for bit. Default: JPEGs are decoded "
-        "at a reduced scale when that keeps >= 1.5x the model's input size (12-MP photos 3-4x faster, "
-        "inputs within cosine 0.9996).",
+        help="Decode every image at full size, exactly as the reference preprocessing does. Default: JPEGs are "
+        "decoded at a reduced scale when that keeps >= 1.5x the model's input size (12-MP photos about 4x faster, "
+        "inputs within cosine 0.9996 of exact).",
     ),
 ]
 CacheOpt = Annotated[
