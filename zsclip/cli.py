@@ -51,6 +51,8 @@ def main() -> None:
 
         # PIL's decompression-bomb and corrupt-EXIF warnings: zsclip already reports such inputs in one line.
         warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        # torch warns at import when numpy is absent; zsclip does not use numpy at run time.
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
         code = app(standalone_mode=False)
