@@ -109,6 +109,33 @@ def test_download_progress_is_still_installed_for_commands(model: Path) -> None:
     assert hub._default_progress is not None  # installed by the app callback before the command ran
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_match_the_cpu(model: Path, photo: Path, tmp_path: Path) -> None:
+    """Pinned memory, non-blocking copies and the one-batch lag give the CPU's rows, in order."""
+    import shutil
+
+    from PIL import Image
+
+    paths = [str(photo)]
+    for index, angle in enumerate((90, 180, 270)):
+        other = tmp_path / f"turned{index}.png"
+        Image.open(photo).rotate(angle, expand=True).save(other)
+        paths.append(str(other))
+    shutil.copy(photo, tmp_path / "copy.jpg")
+    paths.append(str(tmp_path / "copy.jpg"))
+
+    def rows(*extra: str) -> torch.Tensor:
+        run = run_cli(["embed", *paths, "--model", str(model), "-f", "jsonl", "--no-cache", "-b", "2", *extra])
+        assert run.code == 0, run.stderr
+        return torch.tensor([json.loads(line)["embedding"] for line in run.stdout.splitlines()])
+
+    cpu, cuda = rows("--device", "cpu"), rows("--device", "cuda")
+    assert cuda.shape == (5, cpu.shape[1])
+    assert (cpu - cuda).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_loading_maps_the_weights_without_copies_or_slow_imports(model: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
