@@ -6,7 +6,7 @@
 
 Speed comes from four places:
   * draft decoding: JPEGs are decoded at a reduced DCT scale when that keeps the short side >= 1.5 x the model's
-    input size (`draft_size_for`); a 12-megapixel photo decodes at 1/8 scale, four times faster;
+    input size (`draft_size_for`): a 12-megapixel photo decodes at 1/8 scale, decoded and resized ~4x faster;
   * decoding in `workers` threads, a bounded window ahead of the model, while the model computes (PIL releases
     the GIL while it decodes and resizes); memory stays flat however many inputs there are;
   * pixels travel as uint8 (a quarter of float32) and are normalised a whole batch at a time on the model's
