@@ -39,8 +39,7 @@ COMMAND_MODULES = [
 ]
 
 for _name in COMMAND_MODULES:
-    if importlib.util.find_spec(f"zsclip.commands.{_name}") is not None:
-        importlib.import_module(f"zsclip.commands.{_name}").register(app)
+    importlib.import_module(f"zsclip.commands.{_name}").register(app)
 
 
 def main() -> None:
