@@ -8,7 +8,7 @@ by 2 (or by 1 with --accum-steps 4): the next global batch starts at the same sa
 Pairs files: epoch e's order is zsclip.data.epoch_order(n, seed, e), the same on every rank. The global batch at
 `position` is order[position : position + G]; rank r takes its contiguous share of K * B samples, split into K
 micro-batches of B. An epoch ends when fewer than G samples remain (they are skipped, like a dropped last batch).
-With one process and K = 1 this is exactly zsclip.data.StepBatches' order. It plays DistributedSampler's
+With one process and K = 1 these are the epoch's consecutive full batches. It plays DistributedSampler's
 part (disjoint shares, reshuffled per epoch), positioned by global sample so that resuming needs no rank maths.
 
 Tar shards (zsclip.shards): shards are split across ranks, so a rank's share of an epoch is its own stream;

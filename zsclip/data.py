@@ -173,28 +173,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(start, n // batch_size)]
 
 
-class StepBatches:
-    """The index lists of steps [start, stop): step s is batch s mod E of epoch s div E (E full batches an
-    epoch), each epoch in its own (seed, epoch) order."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
-        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
-        self.per_epoch = n // batch_size
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order: list[int] = []
-        epoch = -1
-        for step in range(self.start, self.stop):
-            if step // self.per_epoch != epoch:
-                epoch = step // self.per_epoch
-                order = epoch_order(self.n, self.seed, epoch)
-            i = step % self.per_epoch
-            yield order[i * self.batch_size:(i + 1) * self.batch_size]
-
-
 class PairDataset(torch.utils.data.Dataset):
     """(pixels uint8 [3, S, S], caption) per pair, resized and cropped as zsclip.transform does; Collate
     normalises a whole batch at once.
