@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import weakref
 
 import torch
 
@@ -18,8 +18,9 @@ from zsclip.paths import builtin_models
 from zsclip.model import CLIP
 from zsclip.transform import Preprocess
 
-# Tokenizers of models handed out by `load`, so `tokenize(texts, model)` uses the model's own vocabulary.
-_TOKENIZERS: "dict[int, Any]" = {}
+# Tokenizers of models handed out by `load`, so `tokenize(texts, model)` uses the model's own vocabulary;
+# weak keys, so a model the caller drops is not kept alive here.
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def load(
@@ -45,13 +46,13 @@ def load_full(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(name_or_path, vocab=vocab, device=device, offline=offline)
-    _TOKENIZERS[id(loaded.model)] = loaded.tokenizer
+    _TOKENIZERS[loaded.model] = loaded.tokenizer
     return loaded
 
 
 def tokenize(texts: str | list[str], model: CLIP | None = None, context_length: int | None = None) -> torch.Tensor:
     """Token ids [N, context_length] for `model` (one returned by `load`); without a model, the built-in one's."""
-    tokenizer = _TOKENIZERS.get(id(model)) if model is not None else None
+    tokenizer = _TOKENIZERS.get(model) if model is not None else None
     if tokenizer is None:
         if model is not None:
             raise ValueError("tokenize() needs a model returned by zsclip.load(), or model=None for the built-in one")
