@@ -35,3 +35,13 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Every test gets its own empty $ZSCLIP_CACHE, so nothing reads or fills the user's ~/.cache/zsclip
     (classify and embed cache image embeddings and label classifiers there by default)."""
     monkeypatch.setenv("ZSCLIP_CACHE", str(tmp_path_factory.mktemp("zsclip-cache")))
+
+
+@pytest.fixture()
+def server():
+    """A local HTTP server on 127.0.0.1 (tests/local_server.py), closed after the test."""
+    from local_server import LocalServer
+
+    srv = LocalServer()
+    yield srv
+    srv.close()

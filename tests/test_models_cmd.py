@@ -18,7 +18,7 @@ from zsclip import hub, paths
 from zsclip.commands import models as models_cmd
 from zsclip.errors import UserError
 
-from test_download import LocalServer, closed_port_url, payload  # the local HTTP server lives there
+from local_server import LocalServer, closed_port_url, payload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NINE = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
@@ -31,13 +31,6 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("ZSCLIP_OFFLINE", raising=False)
     monkeypatch.setattr(paths, "weights_dir", lambda: tmp_path / "weights")
     monkeypatch.setattr(hub, "_default_progress", None)
-
-
-@pytest.fixture()
-def server():
-    srv = LocalServer()
-    yield srv
-    srv.close()
 
 
 def invoke(*args: str):
