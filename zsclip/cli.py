@@ -42,6 +42,15 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"zsclip.commands.{_name}").register(app)
 
 
+@app.callback()
+def _before_any_command() -> None:
+    # Click runs this before every command but never for `zsclip --help`, so what it imports (zsclip.hub:
+    # urllib, http.client, ssl, ~50 ms) stays off the help path.
+    from zsclip.commands.models import install_download_progress
+
+    install_download_progress()
+
+
 def main() -> None:
     """Console-script entry point."""
     debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")

@@ -1,7 +1,7 @@
 """`zsclip models` lists what can be loaded by name; `zsclip download` fetches it ahead of time.
 
-register() also installs the download progress bar (stderr) that zsclip.hub shows whenever any command's
-`--model NAME` fetches a file on first use.
+`install_download_progress` is the stderr progress bar zsclip.hub shows whenever any command's `--model NAME`
+fetches a file on first use; zsclip/cli.py installs it before every command.
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ FORMATS = ("table", "json")
 def register(app: typer.Typer) -> None:
     app.command("models")(models_command)
     app.command("download")(download_command)
-    # Installing the bar imports zsclip.hub (urllib, http.client, ssl: ~50 ms), so it waits for the app's
-    # callback, which click runs before any command but never for `zsclip --help`.
-    app.callback()(_install_download_progress)
 
 
-def _install_download_progress() -> None:
+def install_download_progress() -> None:
     from zsclip import hub
 
     hub.set_progress_factory(progress_bar)
