@@ -32,21 +32,22 @@ def photos(tmp_path: Path) -> Path:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the images and prompts that go through the model's towers."""
+    import zsclip.text_prefix
     from zsclip.model import CLIP
 
     counts = {"images": 0, "texts": 0}
-    encode_image, encode_text = CLIP.encode_image, CLIP.encode_text
+    encode_image, encode_texts = CLIP.encode_image, zsclip.text_prefix.encode_with_shared_prefixes
 
     def count_images(self, images):
         counts["images"] += images.shape[0]
         return encode_image(self, images)
 
-    def count_texts(self, tokens):
+    def count_texts(model, tokens, **kwargs):
         counts["texts"] += tokens.shape[0]
-        return encode_text(self, tokens)
+        return encode_texts(model, tokens, **kwargs)
 
     monkeypatch.setattr(CLIP, "encode_image", count_images)
-    monkeypatch.setattr(CLIP, "encode_text", count_texts)
+    monkeypatch.setattr(zsclip.text_prefix, "encode_with_shared_prefixes", count_texts)
     return counts
 
 

@@ -175,13 +175,24 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        batch, length, width = x.shape  # x: [B, L, W]
+        q, k, v = self.project(x)
+        return self.attend(q, k, v, causal=causal)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, L, W] -> queries, keys, values, each [B, H, L, W/H]."""
+        batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, L, W/H]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, W/H]
-        out = out.transpose(1, 2).reshape(batch, length, width)  # [B, L, W]
-        return self.out_proj(out)
+        q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries [B, H, L, W/H] over keys and values [B, H, K, W/H] -> [B, L, W]. `mask` (bool, True = may
+        attend) broadcasts to [B, H, L, K]; `causal` is the usual square mask (L == K)."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, H, L, W/H]
+        batch, heads, length, head_width = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, heads * head_width))
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -103,7 +103,8 @@ def decode_one(item: InputItem, config: "PreprocessConfig", options: DecodeOptio
     try:
         draft = options.thumbnail_size if cached is not None else options.draft_size
         image = load_image(item.path, draft_size=draft, background=config.background)
-        pixels = to_pixels(image, config) if cached is None else None  # [3, S, S] uint8
+        fast = options.draft_size is not None  # the exact path stays pixel-identical to the reference
+        pixels = to_pixels(image, config, resample_crop_only=fast) if cached is None else None  # [3, S, S] uint8
         thumbnail = make_thumbnail(image, options.thumbnail_size) if options.thumbnail_size else None
     except InputError as err:
         return Decoded(item.path, error=_one_line(err))

@@ -304,9 +304,13 @@ def to_tensor(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     return normalize(to_pixels(image, config), config)
 
 
-def to_pixels(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
+def to_pixels(image: Image.Image, config: PreprocessConfig, *, resample_crop_only: bool = False) -> torch.Tensor:
     """The resize and crop alone: PIL image -> uint8 [3, S, S]. A quarter of the float size, so loaders can
-    keep or ship these and call `normalize` on a whole batch (on the model's device) later."""
+    keep or ship these and call `normalize` on a whole batch (on the model's device) later.
+
+    resample_crop_only: resample only the source region the center crop keeps (PIL's `box=`), at the same scale.
+    About 25% less resizing for a 4:3 photo; pixels can differ from the reference by uint8 rounding (1 level in
+    ~1e-4 of them on photos), so the draft path uses it and the exact path does not."""
     if image.mode != "RGB":
         image = to_rgb(image, config.background)
     size = config.image_size
@@ -314,7 +318,7 @@ def to_pixels(image: Image.Image, config: PreprocessConfig) -> torch.Tensor:
     if config.resize_mode == "squash":
         image = image.resize((size, size), resample=resample)
     else:
-        image = _resize_and_crop(image, size, resample)
+        image = _resize_and_crop(image, size, resample, crop_only=resample_crop_only)
     # Planes straight from PIL (R, G, B one after another) rather than a torch permute of [S, S, 3]: the permute
     # copy goes through torch's thread pool, which costs milliseconds when called from decoding threads.
     planes = b"".join(band.tobytes() for band in image.split())
@@ -328,7 +332,8 @@ def normalize(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     return (pixels.to(torch.float32) / 255.0 - mean) / std  # [..., 3, S, S]
 
 
-def _resize_and_crop(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+def _resize_and_crop(image: Image.Image, size: int, resample: Image.Resampling, *, crop_only: bool = False,
+                     ) -> Image.Image:
     """Shortest side -> size (long side truncated, as transformers and torchvision do), then center crop."""
     width, height = image.size
     if width <= height:
@@ -336,7 +341,7 @@ def _resize_and_crop(image: Image.Image, size: int, resample: Image.Resampling) 
     else:
         new_width, new_height = int(size * width / height), size
     left, top = (new_width - size) // 2, (new_height - size) // 2
-    if new_width * new_height <= _MAX_RESIZE_PIXELS:
+    if not crop_only and new_width * new_height <= _MAX_RESIZE_PIXELS:
         resized = image.resize((new_width, new_height), resample=resample)
         return resized.crop((left, top, left + size, top + size))
     # Extreme aspect ratio: resample only the source region that maps onto the crop, at the same scale.

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from zsclip.tokenizer import Tokenizer
 
 TEXT_BATCH = 256  # prompts per forward pass of the text tower
+TEXT_CHUNK = 4096  # texts planned together: prefixes are shared within a chunk
 
 
 def make_prompts(labels: Sequence[str], templates: "TemplateSet") -> list[str]:
@@ -26,29 +27,29 @@ def make_prompts(labels: Sequence[str], templates: "TemplateSet") -> list[str]:
 
 def encode_texts(
     model: "CLIP", tokenizer: "Tokenizer", texts: Sequence[str], *, device: "torch.device",
-    dtype: "torch.dtype | None" = None, batch_size: int = TEXT_BATCH,
+    dtype: "torch.dtype | None" = None, batch_size: int = TEXT_BATCH, chunk: int = TEXT_CHUNK,
 ) -> "torch.Tensor":
     """Texts -> L2-normalised fp32 features [N, D], on the CPU. Used for prompts and for `embed --text`.
 
-    Texts are sorted by token count and batched in that order, so each batch is only as long as its own longest
-    text (CLIP.encode_text cuts the padding; exact under the causal mask); rows come back in input order.
+    Openings that several texts share (a template's "a photo of the") go through the text tower once, and the
+    rest of each text is batched with texts of about its length (zsclip.text_prefix; exact under the causal
+    mask). Texts are encoded `chunk` at a time, so memory stays flat however many there are.
     """
     import torch
     import torch.nn.functional as F
 
     from zsclip.devices import autocast
+    from zsclip.text_prefix import encode_with_shared_prefixes
 
     if not texts:
         return torch.zeros(0, model.config.embed_dim)
-    tokens = tokenizer(list(texts), context_length=model.config.text.context_length)  # [N, L]
-    order = tokens.argmax(dim=-1).argsort(descending=True)  # longest first: end token = largest id
     features = torch.empty(len(texts), model.config.embed_dim)  # [N, D]
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
-            with autocast(device, dtype or torch.float32):
-                encoded = model.encode_text(tokens[rows].to(device))  # [B, D]
-            features[rows] = F.normalize(encoded.float(), dim=-1).cpu()
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start:start + chunk])
+        tokens = tokenizer(part, context_length=model.config.text.context_length)  # [n, L]
+        with torch.inference_mode(), autocast(device, dtype or torch.float32):
+            encoded = encode_with_shared_prefixes(model, tokens, batch_size=batch_size)  # [n, D]
+        features[start:start + len(part)] = F.normalize(encoded.float(), dim=-1).cpu()
     return features  # [N, D]
 
 
