@@ -240,3 +240,28 @@ def test_empty_folder_warns_and_exits_0(world: dict, tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     result = classify(world, str(tmp_path / "empty"), "--labels", LABELS)
     assert result.code == 0 and result.stdout == "" and "no images found" in result.stderr
+
+
+def test_the_program_writes_everything_before_its_quick_exit(world: dict, tmp_path: Path) -> None:
+    """`python -m zsclip` (like the console script) ends without the interpreter's teardown: every row must be
+    on stdout, --output complete, the cache note said, and the exit status kept, with a bad input among them."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in world["expected"]:
+        (folder / os.path.basename(path)).write_bytes(Path(path).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    env = {**os.environ, "ZSCLIP_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "zsclip", "classify", str(folder), "--model", world["model"], "-t", "simple",
+               "--labels", LABELS, "-f", "jsonl"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 1, first.stderr
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(rows) == len(world["expected"]) + 1 and "broken.jpg" in first.stderr
+    again = subprocess.run([*command, "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert again.returncode == 1 and again.stdout == ""
+    assert f"{len(world['expected'])} image embedding(s) reused from the cache" in again.stderr
+    assert (tmp_path / "out.jsonl").read_text().splitlines() == first.stdout.splitlines()

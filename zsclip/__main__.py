@@ -1,3 +1,3 @@
-from zsclip.cli import main
+from zsclip.cli import run
 
-main()
+run()

@@ -107,8 +107,10 @@ def classify(
     predictions, total = _predictions(loaded, items, embeddings, classifier, label_list, options, torch_device,
                                       dtype, images_cache)
     sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
-    _write(predictions, total, label_list, options, sinks, loaded.name)
-    cache_summary(images_cache, quiet)
+    try:
+        _write(predictions, total, label_list, options, sinks, loaded.name)  # exits 1 if some inputs failed
+    finally:
+        cache_summary(images_cache, quiet)
 
 
 @dataclass(frozen=True)
