@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zsclip.model import build_model, get_preset
-from zsclip.text_prefix import encode_with_shared_prefixes, plan_prefixes, suffix_batches
+from zsclip.text_prefix import encode_with_shared_prefixes, plan_prefixes, suffix_packs
 from zsclip.tokenizer import train_bpe
 
 CAPTIONS = ["a photo of a corgi", "a photo of the large hot dog", "a photo of the small hot air balloon",
@@ -51,8 +51,8 @@ def test_classifier_prompts_match_encode_text(tokenizer) -> None:
     model = tiny_model()
     prompts = [template.format(label) for label in LABELS for template in TEMPLATES]
     tokens = tokenizer(prompts, context_length=77)
-    for batch_size in (256, 5):  # one batch per suffix length, and many small ones
-        assert (shared(model, tokens, batch_size=batch_size) - reference(model, tokens)).abs().max() < 1e-5
+    for budget in (8192, 7):  # one pass, and many small ones
+        assert (shared(model, tokens, token_budget=budget) - reference(model, tokens)).abs().max() < 1e-5
 
 
 def test_duplicates_prefixes_of_each_other_and_lone_texts_match(tokenizer) -> None:
@@ -113,10 +113,13 @@ def test_the_prefix_budget_limits_memory_and_keeps_results(tokenizer) -> None:
     assert (shared(model, tokens, prefix_budget=12) - reference(model, tokens)).abs().max() < 1e-5
 
 
-def test_suffix_batches_cover_everything_once_without_needless_padding() -> None:
-    lengths = [3] * 300 + [4] * 20 + [9] * 3 + [5]
-    batches = suffix_batches(lengths, batch_size=128)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert all(len(batch) <= 128 for batch in batches)
-    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
-    assert padded <= 1.1 * sum(lengths)
+def test_suffix_packs_cover_everything_once_unpadded_within_the_budget() -> None:
+    lengths = [3] * 300 + [4] * 20 + [9] * 3 + [5] + [40]
+    packs = suffix_packs(lengths, token_budget=128)
+    members = [i for pack in packs for segment in pack for i in segment]
+    assert sorted(members) == list(range(len(lengths)))
+    for pack in packs:
+        assert all(len({lengths[i] for i in segment}) == 1 for segment in pack)  # nothing to pad
+        tokens = sum(lengths[i] for segment in pack for i in segment)
+        assert tokens <= 128 or (len(pack) == 1 and len(pack[0]) == 1)  # only a lone long text may exceed it
+    assert len(suffix_packs([3] * 300, token_budget=8192)) == 1

@@ -154,7 +154,9 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if x.requires_grad and torch.is_grad_enabled():
+            return x * torch.sigmoid(1.702 * x)
+        return (1.702 * x).sigmoid_().mul_(x)  # inference: one buffer instead of three, same values
 
 
 def _activation(quick_gelu: bool) -> nn.Module:
@@ -176,23 +178,25 @@ class MultiheadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         q, k, v = self.project(x)
-        return self.attend(q, k, v, causal=causal)
+        return self.out_proj(self.mix(q, k, v, causal=causal))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, L, W] -> queries, keys, values, each [B, H, L, W/H]."""
-        batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3W]
-        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        return self.split_heads(F.linear(x, self.in_proj_weight, self.in_proj_bias))
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected [B, L, 3W] -> queries, keys, values, each [B, H, L, W/H]."""
+        batch, length, triple = qkv.shape
+        q, k, v = qkv.view(batch, length, 3, self.heads, triple // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Queries [B, H, L, W/H] over keys and values [B, H, K, W/H] -> [B, L, W]. `mask` (bool, True = may
-        attend) broadcasts to [B, H, L, K]; `causal` is the usual square mask (L == K)."""
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries [B, H, L, W/H] over keys and values [B, H, K, W/H] -> [B, L, W], before `out_proj`. `mask`
+        (bool, True = may attend) broadcasts to [B, H, L, K]; `causal` is the usual square mask (L == K)."""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # [B, H, L, W/H]
         batch, heads, length, head_width = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, heads * head_width))
+        return out.transpose(1, 2).reshape(batch, length, heads * head_width)
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from zsclip.model import CLIP
 
 MIN_PREFIX = 2  # a prefix of the start token alone saves one token per prompt: not worth a gather per layer
+TOKEN_BUDGET = 8192  # suffix tokens per pass: the MLP's [T, 4W] activations stay ~130 MB for ViT-L's text tower
 PREFIX_BUDGET = 2048  # prefixes x longest prefix kept at once: ~100 MB of keys and values for ViT-B's text tower
 
 
@@ -83,7 +85,7 @@ def _within_budget(wanted: list[tuple[int, ...]], budget: int) -> list[tuple[int
     return kept
 
 
-def encode_with_shared_prefixes(model: "CLIP", tokens: torch.Tensor, *, batch_size: int = 256,
+def encode_with_shared_prefixes(model: "CLIP", tokens: torch.Tensor, *, token_budget: int = TOKEN_BUDGET,
                                 prefix_budget: int = PREFIX_BUDGET) -> torch.Tensor:
     """[N, L] padded token ids (end token = largest id, as for CLIP.encode_text) -> [N, D] text features, not
     normalised, in input order. Run it under torch.inference_mode() (and autocast, if wanted)."""
@@ -91,32 +93,40 @@ def encode_with_shared_prefixes(model: "CLIP", tokens: torch.Tensor, *, batch_si
     ends = tokens.argmax(dim=-1).tolist()  # [N]: the end token's position, as CLIP.encode_text reads it
     rows = [tuple(row[: end + 1]) for row, end in zip(tokens.tolist(), ends)]
     plan = plan_prefixes(rows, budget=prefix_budget)
-    where = {sequence: i for i, sequence in enumerate(plan.sequences)}
     prefix_keys, prefix_values = _prefix_states(model, plan.prefixes, device)
     suffix_lengths = [len(sequence) - start for sequence, start in zip(plan.sequences, plan.prefix_length)]
     features = torch.empty(len(plan.sequences), model.config.embed_dim, device=device)  # [U, D]
-    for chosen in suffix_batches(suffix_lengths, batch_size):
-        features[chosen] = _encode_suffixes(model, plan, chosen, prefix_keys, prefix_values, device).float()
+    for pack in suffix_packs(suffix_lengths, token_budget):
+        members = [i for segment in pack for i in segment]
+        features[members] = _encode_pack(model, plan, pack, prefix_keys, prefix_values, device).float()
+    where = {sequence: i for i, sequence in enumerate(plan.sequences)}
     return features[[where[row] for row in rows]]  # [N, D]
 
 
-def suffix_batches(lengths: Sequence[int], batch_size: int, slack: float = 1.1) -> list[list[int]]:
-    """Indices grouped into batches of similar length: sorted by length, a batch closes when it is full or when
-    padding it to the next length would cost more than `slack` x its real tokens (the tower's cost is linear
-    in tokens, so padding is wasted work; many tiny batches cost Python overhead instead)."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
-        length = lengths[index]
-        if current and (len(current) == batch_size or (len(current) + 1) * length > slack * (real + length)):
-            batches.append(current)
-            current, real = [], 0
-        current.append(index)
-        real += length
+def suffix_packs(lengths: Sequence[int], token_budget: int) -> list[list[list[int]]]:
+    """Sequence indices in packs of segments: a segment's suffixes all have the same length (so nothing is
+    padded), and a pack holds at most `token_budget` suffix tokens (a longer suffix gets a pack to itself).
+    The linear layers, most of the cost, see a whole pack as one matrix; attention runs per segment."""
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(index)
+    packs: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    used = 0
+    for length in sorted(by_length):
+        members = by_length[length]
+        while members:
+            room = (token_budget - used) // length
+            if room == 0 and current:
+                packs.append(current)
+                current, used = [], 0
+                continue
+            taken, members = members[: max(room, 1)], members[max(room, 1):]
+            current.append(taken)
+            used += len(taken) * length
     if current:
-        batches.append(current)
-    return batches
+        packs.append(current)
+    return packs
 
 
 def _prefix_states(model: "CLIP", prefixes: list[tuple[int, ...]], device: torch.device,
@@ -126,50 +136,79 @@ def _prefix_states(model: "CLIP", prefixes: list[tuple[int, ...]], device: torch
     if not prefixes:
         return [], []
     longest = max(map(len, prefixes))
-    ids = torch.zeros(len(prefixes), longest, dtype=torch.long)  # [G, P]
-    for i, prefix in enumerate(prefixes):
-        ids[i, : len(prefix)] = torch.tensor(prefix)
+    ids = torch.tensor([prefix + (0,) * (longest - len(prefix)) for prefix in prefixes])  # [G, P], zero-padded
     x = model.token_embedding(ids.to(device)) + model.positional_embedding[:longest].to(model.dtype)  # [G, P, W]
     keys, values = [], []
     for block in model.transformer.resblocks:
         q, k, v = block.attn.project(block.ln_1(x))  # each [G, H, P, W/H]
         keys.append(k)
         values.append(v)
-        x = x + block.attn.attend(q, k, v, causal=True)
+        x = x + block.attn.out_proj(block.attn.mix(q, k, v, causal=True))
         x = x + block.mlp(block.ln_2(x))
     return keys, values
 
 
-def _encode_suffixes(model: "CLIP", plan: _Plan, chosen: list[int], prefix_keys: list[torch.Tensor],
-                     prefix_values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Features [B, D] of the chosen sequences, computing only their suffixes."""
-    starts = [plan.prefix_length[i] for i in chosen]
-    suffixes = [plan.sequences[i][start:] for i, start in zip(chosen, starts)]
-    batch, length = len(chosen), max(map(len, suffixes))
-    ids = torch.zeros(batch, length, dtype=torch.long)  # [B, S], zero-padded at the end
-    for row, suffix in enumerate(suffixes):
-        ids[row, : len(suffix)] = torch.tensor(suffix)
-    offset = torch.tensor(starts)  # [B]: absolute position of each suffix's first token
-    positions = (offset[:, None] + torch.arange(length)).clamp(max=model.positional_embedding.shape[0] - 1)
-    x = model.token_embedding(ids.to(device)) + model.positional_embedding[positions.to(device)].to(model.dtype)
+@dataclass
+class _Segment:
+    """Rows [low, high) of a pack's token matrix: `count` suffixes of `length` tokens each."""
 
-    span = max(starts)  # prefix keys to attend to in this batch
-    visible = torch.arange(span)[None, :] < offset[:, None]  # [B, P]: the real tokens of each one's prefix
-    causal = torch.ones(length, length, dtype=torch.bool).tril()  # [S, S]
-    mask = torch.cat([visible[:, None, :].expand(batch, length, span), causal.expand(batch, -1, -1)], dim=2)
-    mask = mask[:, None].to(device)  # [B, 1, S, P + S], True = may attend
-    owner = torch.tensor([max(plan.prefix_of[i], 0) for i in chosen], device=device)  # [B]
-    rows = torch.arange(batch, device=device)
-    last = torch.tensor([len(suffix) - 1 for suffix in suffixes], device=device)  # [B]: the end token
+    low: int
+    high: int
+    count: int
+    length: int
+    span: int  # prefix keys attended to (the longest prefix among these rows; 0 = none)
+    owner: torch.Tensor  # [count]: each row's prefix (0 where it has none: masked out)
+    mask: torch.Tensor | None  # [count, 1, length, span + length], True = may attend; None = plain causal
+
+
+def _segments(plan: _Plan, pack: list[list[int]], device: torch.device) -> list[_Segment]:
+    segments, low = [], 0
+    for members in pack:
+        count, length = len(members), len(plan.sequences[members[0]]) - plan.prefix_length[members[0]]
+        starts = torch.tensor([plan.prefix_length[i] for i in members])  # [n]
+        span = int(starts.max())
+        owner = torch.tensor([max(plan.prefix_of[i], 0) for i in members], device=device)
+        mask = None
+        if span:
+            visible = torch.arange(span)[None, :] < starts[:, None]  # [n, P]: the real tokens of each prefix
+            causal = torch.ones(length, length, dtype=torch.bool).tril()  # [S, S]
+            mask = torch.cat([visible[:, None, :].expand(count, length, span), causal.expand(count, -1, -1)], dim=2)
+            mask = mask[:, None].to(device)  # [n, 1, S, P + S]
+        segments.append(_Segment(low, low + count * length, count, length, span, owner, mask))
+        low += count * length
+    return segments
+
+
+def _encode_pack(model: "CLIP", plan: _Plan, pack: list[list[int]], prefix_keys: list[torch.Tensor],
+                 prefix_values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Features [R, D] of a pack's sequences (segment by segment), computing only their suffixes."""
+    ids, positions = [], []
+    for members in pack:
+        for i in members:
+            start, sequence = plan.prefix_length[i], plan.sequences[i]
+            ids.extend(sequence[start:])
+            positions.extend(range(start, len(sequence)))
+    x = model.token_embedding(torch.tensor(ids, device=device))  # [T, W]: every suffix token, unpadded
+    x = x + model.positional_embedding[torch.tensor(positions, device=device)].to(model.dtype)
+    segments = _segments(plan, pack, device)
+    ends = torch.cat([torch.arange(s.count) * s.length + s.low + s.length - 1 for s in segments]).to(device)  # [R]
     blocks = model.transformer.resblocks
     for layer, block in enumerate(blocks):
-        q, k, v = block.attn.project(block.ln_1(x))  # each [B, H, S, W/H]
-        if span:
-            k = torch.cat([prefix_keys[layer][owner, :, :span], k], dim=2)  # [B, H, P + S, W/H]
-            v = torch.cat([prefix_values[layer][owner, :, :span], v], dim=2)
-        if layer == len(blocks) - 1:  # only the end tokens are read after the last layer: compute just those
-            q, mask, x = q[rows, :, last][:, :, None], mask[rows, :, last][:, :, None], x[rows, last][:, None]
-        x = x + block.attn.attend(q, k, v, mask=mask)  # [B, S, W] ([B, 1, W] in the last layer)
+        final = layer == len(blocks) - 1  # only the end tokens are read after the last layer: compute just those
+        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)  # [T, 3W]
+        mixed = []
+        for s in segments:
+            q, k, v = block.attn.split_heads(qkv[s.low:s.high].view(s.count, s.length, -1))  # [n, H, S, W/H]
+            if s.span:
+                k = torch.cat([prefix_keys[layer][s.owner, :, : s.span], k], dim=2)  # [n, H, P + S, W/H]
+                v = torch.cat([prefix_values[layer][s.owner, :, : s.span], v], dim=2)
+            mask = s.mask
+            if final:  # the end token is each suffix's last: it may attend to everything visible
+                q, mask = q[:, :, -1:], None if mask is None else mask[:, :, -1:]
+            out = block.attn.mix(q, k, v, causal=mask is None and not final, mask=mask)  # [n, S or 1, W]
+            mixed.append(out.reshape(-1, out.shape[-1]))
+        if final:
+            x = x[ends]  # [R, W]
+        x = x + block.attn.out_proj(torch.cat(mixed))
         x = x + block.mlp(block.ln_2(x))
-    x = model.ln_final(x[:, -1])  # [B, W]
-    return x @ model.text_projection  # [B, D]
+    return model.ln_final(x) @ model.text_projection  # [R, D]

@@ -173,6 +173,7 @@ class Tokenizer:
             raise UserError(f"the vocabulary's {EOT} must have the largest id (the model reads the text there)")
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._decoder: dict[int, str] | None = None
+        self._standard: bool | None = None  # is_standard() hashes the merges: ~80 ms, so once per tokenizer
         self._setup_cache()
 
     def _setup_cache(self) -> None:
@@ -230,12 +231,14 @@ class Tokenizer:
     # ---- checkpoint storage --------------------------------------------------------------------------------
     def is_standard(self) -> bool:
         """True for exactly OpenAI's 49,408-token vocabulary (same merges and same ids)."""
-        return (
-            self.vocab_size == 49408
-            and len(self.merges) == STANDARD_MERGES
-            and _merges_digest(self.merges) == STANDARD_MERGES_SHA256
-            and self.encoder == _layout_encoder(self.merges)
-        )
+        if self._standard is None:
+            self._standard = (
+                self.vocab_size == 49408
+                and len(self.merges) == STANDARD_MERGES
+                and _merges_digest(self.merges) == STANDARD_MERGES_SHA256
+                and self.encoder == _layout_encoder(self.merges)
+            )
+        return self._standard
 
     def to_metadata(self) -> dict[str, str]:
         """String-valued entries for a safetensors header: the standard name, or the merges themselves."""

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from zsclip.model import CLIP
     from zsclip.tokenizer import Tokenizer
 
-TEXT_BATCH = 256  # prompts per forward pass of the text tower
 TEXT_CHUNK = 4096  # texts planned together: prefixes are shared within a chunk
 
 
@@ -27,19 +26,19 @@ def make_prompts(labels: Sequence[str], templates: "TemplateSet") -> list[str]:
 
 def encode_texts(
     model: "CLIP", tokenizer: "Tokenizer", texts: Sequence[str], *, device: "torch.device",
-    dtype: "torch.dtype | None" = None, batch_size: int = TEXT_BATCH, chunk: int = TEXT_CHUNK,
+    dtype: "torch.dtype | None" = None, token_budget: int | None = None, chunk: int = TEXT_CHUNK,
 ) -> "torch.Tensor":
     """Texts -> L2-normalised fp32 features [N, D], on the CPU. Used for prompts and for `embed --text`.
 
     Openings that several texts share (a template's "a photo of the") go through the text tower once, and the
-    rest of each text is batched with texts of about its length (zsclip.text_prefix; exact under the causal
+    rests go through unpadded, at most `token_budget` tokens per pass (zsclip.text_prefix; exact under the causal
     mask). Texts are encoded `chunk` at a time, so memory stays flat however many there are.
     """
     import torch
     import torch.nn.functional as F
 
     from zsclip.devices import autocast
-    from zsclip.text_prefix import encode_with_shared_prefixes
+    from zsclip.text_prefix import TOKEN_BUDGET, encode_with_shared_prefixes
 
     if not texts:
         return torch.zeros(0, model.config.embed_dim)
@@ -48,7 +47,7 @@ def encode_texts(
         part = list(texts[start:start + chunk])
         tokens = tokenizer(part, context_length=model.config.text.context_length)  # [n, L]
         with torch.inference_mode(), autocast(device, dtype or torch.float32):
-            encoded = encode_with_shared_prefixes(model, tokens, batch_size=batch_size)  # [n, D]
+            encoded = encode_with_shared_prefixes(model, tokens, token_budget=token_budget or TOKEN_BUDGET)
         features[start:start + len(part)] = F.normalize(encoded.float(), dim=-1).cpu()
     return features  # [N, D]
 
