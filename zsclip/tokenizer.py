@@ -174,6 +174,7 @@ class Tokenizer:
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._decoder: dict[int, str] | None = None
         self._standard: bool | None = None  # is_standard() hashes the merges: ~80 ms, so once per tokenizer
+        self._layout = False  # True when `encoder` was built by _layout_encoder(merges)
         self._setup_cache()
 
     def _setup_cache(self) -> None:
@@ -197,7 +198,9 @@ class Tokenizer:
     def from_merges(cls, merges: Iterable[tuple[str, str]], context_length: int = CONTEXT_LENGTH) -> Tokenizer:
         """A tokenizer with the standard id layout for these merges (rank order)."""
         merges = [(a, b) for a, b in merges]
-        return cls(_layout_encoder(merges), merges, context_length)
+        tokenizer = cls(_layout_encoder(merges), merges, context_length)
+        tokenizer._layout = True  # is_standard() need not build the layout again to compare
+        return tokenizer
 
     @classmethod
     def from_openai_bpe(cls, path: str | Path, context_length: int = CONTEXT_LENGTH) -> Tokenizer:
@@ -236,7 +239,7 @@ class Tokenizer:
                 self.vocab_size == 49408
                 and len(self.merges) == STANDARD_MERGES
                 and _merges_digest(self.merges) == STANDARD_MERGES_SHA256
-                and self.encoder == _layout_encoder(self.merges)
+                and (self._layout or self.encoder == _layout_encoder(self.merges))
             )
         return self._standard
 
