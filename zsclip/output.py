@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import sys
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+if TYPE_CHECKING:  # rich is imported when something is shown to a person (~40 ms that a piped run never needs)
+    from rich.console import Console
 
 
 @lru_cache(maxsize=1)
-def stderr_console() -> Console:
+def stderr_console() -> "Console":
     """The rich console for people. Honours NO_COLOR (rich reads it) and is plain when stderr is not a terminal."""
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -42,8 +46,10 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def stdout_console() -> Console:
+def stdout_console() -> "Console":
     """A rich console on stdout, for the `table` format only (people at a terminal). Honours NO_COLOR."""
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False)
 
 
