@@ -123,3 +123,17 @@ def test_suffix_packs_cover_everything_once_unpadded_within_the_budget() -> None
         tokens = sum(lengths[i] for segment in pack for i in segment)
         assert tokens <= 128 or (len(pack) == 1 and len(pack[0]) == 1)  # only a lone long text may exceed it
     assert len(suffix_packs([3] * 300, token_budget=8192)) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_the_cpu(tokenizer) -> None:
+    model = tiny_model()
+    tokens = tokenizer([template.format(label) for label in LABELS for template in TEMPLATES], context_length=77)
+    cpu = shared(model, tokens)
+    gpu = shared(model.cuda(), tokens)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() < 1e-4
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = shared(model, tokens)
+    assert torch.nn.functional.cosine_similarity(half.float().cpu(), cpu).min() > 0.99
