@@ -96,9 +96,9 @@ def run() -> None:
 
     Once torch is loaded, the interpreter's normal shutdown spends 0.2-0.5 s here tearing down torch's
     thousands of module objects one by one, which is most of what a cached rerun would otherwise wait for.
-    When the command is over, its files written and closed, and nothing else runs (no other thread or child
-    process), the exit handlers run and the streams are flushed as usual, then the process ends without that
-    teardown. Tests and library users call `main`, which returns normally.
+    When the command is over, its files written and closed, and nothing else runs (no other thread, child
+    process or distributed process group), the exit handlers run and the streams are flushed as usual, then the
+    process ends without that teardown. Tests and library users call `main`, which returns normally.
     """
     try:
         main()
@@ -122,10 +122,13 @@ def run() -> None:
 
 
 def _quiet_process() -> bool:
-    """Only the main thread left, and no child process still running."""
+    """Only the main thread left, no child process still running, no distributed process group still open."""
     import threading
 
     if threading.active_count() > 1:
+        return False
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
         return False
     multiprocessing = sys.modules.get("multiprocessing")
     return multiprocessing is None or not multiprocessing.active_children()
