@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, ModelOpt, OfflineOpt,
-                                     PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
+from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, InputsArg, ModelOpt,
+                                     OfflineOpt, PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
 
 EPILOG = """\b
 Examples:
@@ -28,9 +28,7 @@ def register(app: typer.Typer) -> None:
 
 
 def classify(
-    inputs: Annotated[Optional[list[str]], typer.Argument(
-        metavar="INPUT", show_default=False,
-        help="Image files, folders (recursive, sorted; hidden files skipped) or - to read paths from stdin.")] = None,
+    inputs: InputsArg = None,
     labels: Annotated[Optional[str], typer.Option(
         "--labels", "-l", help="Comma-separated labels, e.g. \"corgi,jazz album\".")] = None,
     labels_file: Annotated[Optional[Path], typer.Option(

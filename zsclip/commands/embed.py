@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, ModelOpt, OfflineOpt,
-                                     PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
+from zsclip.commands.options import (BatchSizeOpt, CacheOpt, DeviceOpt, ExactPreprocessOpt, InputsArg, ModelOpt,
+                                     OfflineOpt, PrecisionOpt, QuietOpt, VocabOpt, WorkersOpt)
 
 EPILOG = """\b
 Examples:
@@ -26,9 +26,7 @@ def register(app: typer.Typer) -> None:
 
 
 def embed(
-    inputs: Annotated[Optional[list[str]], typer.Argument(
-        metavar="INPUT", show_default=False,
-        help="Image files, folders (recursive, sorted; hidden files skipped) or - to read paths from stdin.")] = None,
+    inputs: InputsArg = None,
     text: Annotated[Optional[list[str]], typer.Option(
         "--text", help="A text to embed (repeat the option for several).")] = None,
     texts_file: Annotated[Optional[Path], typer.Option(

@@ -7,6 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+InputsArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="INPUT",
+        show_default=False,
+        help="Image files, folders (recursive, sorted; hidden files skipped) or - to read paths from stdin.",
+    ),
+]
 ModelOpt = Annotated[
     Optional[str],
     typer.Option(
