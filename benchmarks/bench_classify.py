@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -42,9 +41,19 @@ laptop, telephone, television, robot, teddy bear, pizza, hamburger, strawberry, 
 birthday cake, ice cream, sushi, croissant"""
 LABELS_100 = [label.strip() for label in LABELS.replace("\n", " ").split(",")]
 # The seven-template ensemble from the CLIP authors' ImageNet prompt-engineering notebook.
-TEMPLATES_7 = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-               "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
-FOLDER_LABELS = (LABELS_100[:10], LABELS_100[10:20])  # first run, then "new labels" for the cached rerun
+TEMPLATES_7 = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+]
+FOLDER_LABELS = (
+    LABELS_100[:10],
+    LABELS_100[10:20],
+)  # first run, then "new labels" for the cached rerun
 BATCH = 32
 
 
@@ -60,21 +69,28 @@ def setup(work: Path) -> None:
     for name, labels in zip(("labels-a.txt", "labels-b.txt"), FOLDER_LABELS):
         (work / name).write_text("\n".join(labels) + "\n")
     (work / "labels100.txt").write_text("\n".join(LABELS_100) + "\n")
-    if not (work / "model" / "vitb32-openai.safetensors").is_file() or not (work / "hf" / "config.json").is_file():
-        subprocess.run([sys.executable, __file__, "--workdir", str(work), "--case", "make-weights"], check=True)
+    if (
+        not (work / "model" / "vitb32-openai.safetensors").is_file()
+        or not (work / "hf" / "config.json").is_file()
+    ):
+        subprocess.run(
+            [sys.executable, __file__, "--workdir", str(work), "--case", "make-weights"], check=True
+        )
 
 
 def make_weights(work: Path) -> None:
     import importlib.util
 
     import torch
-
     from hf_convert import write_hf_folder
-    from zsclip.model import build_model, get_preset
-    from zsclip.safetensors_io import write_safetensors
-    from zsclip.tokenizer import Tokenizer
 
-    spec = importlib.util.find_spec("open_clip")  # the standard vocabulary ships in the open-clip-torch wheel
+    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.safetensors_io import write_safetensors
+    from zsclip.core.tokenizer import Tokenizer
+
+    spec = importlib.util.find_spec(
+        "open_clip"
+    )  # the standard vocabulary ships in the open-clip-torch wheel
     vocab = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     (work / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(vocab, work / "model" / vocab.name)  # found beside the checkpoint
@@ -108,14 +124,18 @@ def case_hf_folder(work: Path, folder: str, launch: float) -> dict:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(work / "hf")
     prompts = [t.replace("{}", label) for label in FOLDER_LABELS[0] for t in TEMPLATES_7]
     with torch.inference_mode():
-        text = _hf_features(model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt")))
-        text = torch.nn.functional.normalize(text, dim=-1).view(len(FOLDER_LABELS[0]), len(TEMPLATES_7), -1)
+        text = _hf_features(
+            model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt"))
+        )
+        text = torch.nn.functional.normalize(text, dim=-1).view(
+            len(FOLDER_LABELS[0]), len(TEMPLATES_7), -1
+        )
         classifier = torch.nn.functional.normalize(text.mean(dim=1), dim=-1).t()  # [D, C]
     paths = sorted((work / folder).glob("*.jpg"))
     ready, forward, rows = time.time(), 0.0, []
     with torch.inference_mode():
         for start in range(0, len(paths), BATCH):
-            images = [Image.open(path) for path in paths[start:start + BATCH]]
+            images = [Image.open(path) for path in paths[start : start + BATCH]]
             inputs = processor(images=images, return_tensors="pt")
             began = time.perf_counter()
             features = _hf_features(model.get_image_features(**inputs))
@@ -126,20 +146,27 @@ def case_hf_folder(work: Path, folder: str, launch: float) -> dict:
     done = time.time()
     if os.environ.get("OMP_WAIT_POLICY") is None:
         torch.save(torch.cat(rows), work / f"reference-{folder}.pt")
-    return {"images": len(paths), "startup_s": ready - launch, "loop_s": done - ready,
-            "images_per_s": len(paths) / (done - ready), "forward_only_images_per_s": len(paths) / forward}
+    return {
+        "images": len(paths),
+        "startup_s": ready - launch,
+        "loop_s": done - ready,
+        "images_per_s": len(paths) / (done - ready),
+        "forward_only_images_per_s": len(paths) / forward,
+    }
 
 
-def case_zsclip_folder(work: Path, folder: str, launch: float, *, labels: str, cache: str, extra: list[str]) -> dict:
+def case_zsclip_folder(
+    work: Path, folder: str, launch: float, *, labels: str, cache: str, extra: list[str]
+) -> dict:
     """The zsclip program itself (zsclip.cli.run, exit included), in-process so the image loop can be timed."""
     import atexit
 
-    import zsclip.classify
+    import zsclip.jobs.classify
     from zsclip.cli import run
 
     os.environ["ZSCLIP_CACHE"] = str(work / cache)
     marks: dict[str, float] = {}
-    classify_images = zsclip.classify.classify_images
+    classify_images = zsclip.jobs.classify.classify_images
 
     def timed(*args, **kwargs):
         marks["ready"] = time.time()
@@ -149,31 +176,61 @@ def case_zsclip_folder(work: Path, folder: str, launch: float, *, labels: str, c
     def report() -> None:  # run() calls the exit handlers before it ends the process
         images = len(list((work / folder).glob("*.jpg")))
         loop = marks["done"] - marks["ready"]
-        print(json.dumps({"images": images, "startup_s": marks["ready"] - launch, "loop_s": loop,
-                          "images_per_s": images / loop}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "images": images,
+                    "startup_s": marks["ready"] - launch,
+                    "loop_s": loop,
+                    "images_per_s": images / loop,
+                }
+            ),
+            flush=True,
+        )
 
-    zsclip.classify.classify_images = timed
+    zsclip.jobs.classify.classify_images = timed
     atexit.register(report)
-    sys.argv = ["zsclip", "classify", str(work / folder), "--model", str(work / "model" / "vitb32-openai.safetensors"),
-                "--labels-file", str(work / labels), "--templates", str(work / "templates7.txt"), "--format", "jsonl",
-                "--output", str(work / f"out-{cache}-{labels}.jsonl"), "--batch-size", str(BATCH), "--quiet", *extra]
+    sys.argv = [
+        "zsclip",
+        "classify",
+        str(work / folder),
+        "--model",
+        str(work / "model" / "vitb32-openai.safetensors"),
+        "--labels-file",
+        str(work / labels),
+        "--templates",
+        str(work / "templates7.txt"),
+        "--format",
+        "jsonl",
+        "--output",
+        str(work / f"out-{cache}-{labels}.jsonl"),
+        "--batch-size",
+        str(BATCH),
+        "--quiet",
+        *extra,
+    ]
     run()  # never returns
 
 
 def case_ceiling(work: Path, launch: float, precision: str) -> dict:
     import torch
 
-    from zsclip.checkpoints import load_model
-    from zsclip.devices import autocast
-    from zsclip.transform import PreprocessConfig, normalize
+    from zsclip.core.checkpoints import load_model
+    from zsclip.core.devices import autocast
+    from zsclip.core.transform import PreprocessConfig, normalize
 
     began = time.time()
     loaded = load_model(work / "model" / "vitb32-openai.safetensors")
     load_s, rss_after_load = time.time() - began, _rss_mb()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator().manual_seed(0)
-    batches = [normalize(torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8, generator=generator),
-                         PreprocessConfig()) for _ in range(2)]
+    batches = [
+        normalize(
+            torch.randint(0, 256, (BATCH, 3, 224, 224), dtype=torch.uint8, generator=generator),
+            PreprocessConfig(),
+        )
+        for _ in range(2)
+    ]
     cpu = torch.device("cpu")
     with torch.inference_mode(), autocast(cpu, dtype):
         loaded.model.encode_image(batches[0][:2])  # first touch of the weights, not counted
@@ -182,30 +239,45 @@ def case_ceiling(work: Path, launch: float, precision: str) -> dict:
             loaded.model.encode_image(batch)
     done = time.time()
     images = BATCH * len(batches)
-    return {"images": images, "startup_s": ready - launch, "load_s": load_s, "rss_after_load_mb": rss_after_load,
-            "loop_s": done - ready, "images_per_s": images / (done - ready)}
+    return {
+        "images": images,
+        "startup_s": ready - launch,
+        "load_s": load_s,
+        "rss_after_load_mb": rss_after_load,
+        "loop_s": done - ready,
+        "images_per_s": images / (done - ready),
+    }
 
 
 def case_text_zsclip(work: Path, launch: float) -> dict:
     import torch
 
-    from zsclip.checkpoints import load_model
-    from zsclip.commands.classify import _classifier
+    from zsclip.cli.classify import _classifier
+    from zsclip.core.checkpoints import load_model
 
     os.environ["ZSCLIP_CACHE"] = str(work / "cache-text")
     shutil.rmtree(work / "cache-text", ignore_errors=True)
     loaded = load_model(work / "model" / "vitb32-openai.safetensors")
     templates = str(work / "templates7.txt")
     ready = time.time()
-    weights = _classifier(loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True)
+    weights = _classifier(
+        loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True
+    )
     computed = time.time()
-    cached = _classifier(loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True)
+    cached = _classifier(
+        loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True
+    )
     done = time.time()
     assert torch.equal(weights, cached)
     torch.save(weights, work / "classifier-zsclip.pt")
     prompts = len(LABELS_100) * len(TEMPLATES_7)
-    return {"prompts": prompts, "startup_s": ready - launch, "compute_s": computed - ready,
-            "prompts_per_s": prompts / (computed - ready), "cached_s": done - computed}
+    return {
+        "prompts": prompts,
+        "startup_s": ready - launch,
+        "compute_s": computed - ready,
+        "prompts_per_s": prompts / (computed - ready),
+        "cached_s": done - computed,
+    }
 
 
 def case_text_hf(work: Path, launch: float, recipe: str) -> dict:
@@ -216,18 +288,25 @@ def case_text_hf(work: Path, launch: float, recipe: str) -> dict:
 
     model = transformers.CLIPModel.from_pretrained(work / "hf").eval()
     tokenizer = transformers.CLIPTokenizer.from_pretrained(work / "hf")
-    labels = LABELS_100 if recipe == "batched" else LABELS_100[:5]  # per-label: a 35-prompt sample of the rate
-    padding = {"padding": True} if recipe == "batched" else {"padding": "max_length", "max_length": 77}
+    # per-label: a 35-prompt sample of the rate
+    labels = LABELS_100 if recipe == "batched" else LABELS_100[:5]
+    padding = (
+        {"padding": True} if recipe == "batched" else {"padding": "max_length", "max_length": 77}
+    )
 
     def classifier_columns(group: list[str]) -> torch.Tensor:
         prompts = [t.replace("{}", label) for label in group for t in TEMPLATES_7]
-        text = _hf_features(model.get_text_features(**tokenizer(prompts, return_tensors="pt", **padding)))
+        text = _hf_features(
+            model.get_text_features(**tokenizer(prompts, return_tensors="pt", **padding))
+        )
         text = torch.nn.functional.normalize(text, dim=-1).view(len(group), len(TEMPLATES_7), -1)
         return torch.nn.functional.normalize(text.mean(dim=1), dim=-1)  # [C, D]
 
     with torch.inference_mode():
         if recipe != "batched":
-            classifier_columns(LABELS_100[-1:])  # warm-up, not counted: the rate is taken from a sample
+            classifier_columns(
+                LABELS_100[-1:]
+            )  # warm-up, not counted: the rate is taken from a sample
         ready = time.time()
         groups = [labels] if recipe == "batched" else [[label] for label in labels]
         columns = [classifier_columns(group) for group in groups]
@@ -235,8 +314,12 @@ def case_text_hf(work: Path, launch: float, recipe: str) -> dict:
     if recipe == "batched" and os.environ.get("OMP_WAIT_POLICY") is None:
         torch.save(torch.cat(columns).t(), work / "classifier-hf.pt")
     prompts = len(labels) * len(TEMPLATES_7)
-    return {"prompts": prompts, "startup_s": ready - launch, "compute_s": done - ready,
-            "prompts_per_s": prompts / (done - ready)}
+    return {
+        "prompts": prompts,
+        "startup_s": ready - launch,
+        "compute_s": done - ready,
+        "prompts_per_s": prompts / (done - ready),
+    }
 
 
 def case_exact(work: Path, launch: float) -> dict:
@@ -244,8 +327,18 @@ def case_exact(work: Path, launch: float) -> dict:
     from zsclip.cli import main
 
     paths = sorted((work / "photos-4000x3000").glob("*.jpg"))[:8]
-    sys.argv = ["zsclip", "embed", *map(str, paths), "--model", str(work / "model" / "vitb32-openai.safetensors"),
-                "--exact-preprocess", "--no-cache", "--output", str(work / "exact-12mp.safetensors"), "--quiet"]
+    sys.argv = [
+        "zsclip",
+        "embed",
+        *map(str, paths),
+        "--model",
+        str(work / "model" / "vitb32-openai.safetensors"),
+        "--exact-preprocess",
+        "--no-cache",
+        "--output",
+        str(work / "exact-12mp.safetensors"),
+        "--quiet",
+    ]
     try:
         main()
     except SystemExit as exit_:
@@ -256,16 +349,19 @@ def case_exact(work: Path, launch: float) -> dict:
 
 CASES = {  # run in this order; each ceiling runs right before and right after the pipeline it bounds
     "ceiling-fp32": lambda w, t: case_ceiling(w, t, "fp32"),
-    "zsclip-640": lambda w, t: case_zsclip_folder(w, "photos-640x480", t, labels="labels-a.txt", cache="cache-640",
-                                                  extra=[]),
+    "zsclip-640": lambda w, t: case_zsclip_folder(
+        w, "photos-640x480", t, labels="labels-a.txt", cache="cache-640", extra=[]
+    ),
     "ceiling-fp32-again": lambda w, t: case_ceiling(w, t, "fp32"),
-    "zsclip-640-warm": lambda w, t: case_zsclip_folder(w, "photos-640x480", t, labels="labels-b.txt",
-                                                       cache="cache-640", extra=[]),
+    "zsclip-640-warm": lambda w, t: case_zsclip_folder(
+        w, "photos-640x480", t, labels="labels-b.txt", cache="cache-640", extra=[]
+    ),
     "hf-640": lambda w, t: case_hf_folder(w, "photos-640x480", t),
     "hf-640-passive": lambda w, t: case_hf_folder(w, "photos-640x480", t),
     "hf-12mp": lambda w, t: case_hf_folder(w, "photos-4000x3000", t),
-    "zsclip-12mp": lambda w, t: case_zsclip_folder(w, "photos-4000x3000", t, labels="labels-a.txt",
-                                                   cache="cache-12mp", extra=[]),
+    "zsclip-12mp": lambda w, t: case_zsclip_folder(
+        w, "photos-4000x3000", t, labels="labels-a.txt", cache="cache-12mp", extra=[]
+    ),
     "hf-12mp-passive": lambda w, t: case_hf_folder(w, "photos-4000x3000", t),
     "exact-12mp": case_exact,
     "text-zsclip": case_text_zsclip,
@@ -273,16 +369,28 @@ CASES = {  # run in this order; each ceiling runs right before and right after t
     "text-hf-batched-passive": lambda w, t: case_text_hf(w, t, "batched"),
     "text-hf-per-label": lambda w, t: case_text_hf(w, t, "per-label"),
     "ceiling-bf16": lambda w, t: case_ceiling(w, t, "bf16"),
-    "zsclip-640-bf16": lambda w, t: case_zsclip_folder(w, "photos-640x480", t, labels="labels-a.txt",
-                                                       cache="cache-640-bf16", extra=["--precision", "bf16"]),
+    "zsclip-640-bf16": lambda w, t: case_zsclip_folder(
+        w,
+        "photos-640x480",
+        t,
+        labels="labels-a.txt",
+        cache="cache-640-bf16",
+        extra=["--precision", "bf16"],
+    ),
     "ceiling-bf16-again": lambda w, t: case_ceiling(w, t, "bf16"),
 }
-# zsclip's CLI sets OMP_WAIT_POLICY=PASSIVE before torch loads (zsclip/commands/runtime.py); cases that load the
+# zsclip's CLI sets OMP_WAIT_POLICY=PASSIVE before torch loads (zsclip/cli/_runtime.py); cases that load the
 # model without the CLI get it here, and the *-passive baselines show transformers with the same setting.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-CASE_ENV = {name: PASSIVE for name in CASES if name.startswith("ceiling") or name.endswith("passive")}
+CASE_ENV = {
+    name: PASSIVE for name in CASES if name.startswith("ceiling") or name.endswith("passive")
+}
 CASE_ENV["text-zsclip"] = PASSIVE
-FRESH_CACHES = {"zsclip-640": "cache-640", "zsclip-12mp": "cache-12mp", "zsclip-640-bf16": "cache-640-bf16"}
+FRESH_CACHES = {
+    "zsclip-640": "cache-640",
+    "zsclip-12mp": "cache-12mp",
+    "zsclip-640-bf16": "cache-640-bf16",
+}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -294,9 +402,22 @@ def run_case(work: Path, name: str) -> dict:
         shutil.rmtree(work / FRESH_CACHES[name], ignore_errors=True)
     launch = time.time()
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    process = subprocess.Popen([sys.executable, __file__, "--workdir", str(work), "--case", name,
-                                "--launch", repr(launch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**env, **CASE_ENV.get(name, {})})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--workdir",
+            str(work),
+            "--case",
+            name,
+            "--launch",
+            repr(launch),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, **CASE_ENV.get(name, {})},
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.time() - launch
     out, err = process.stdout.read(), process.stderr.read()
@@ -307,12 +428,19 @@ def run_case(work: Path, name: str) -> dict:
     return result
 
 
-WALL_TIME_CASES = {"zsclip-640-warm", "exact-12mp"}  # judged by wall time: a cached rerun, a correctness run
+WALL_TIME_CASES = {
+    "zsclip-640-warm",
+    "exact-12mp",
+}  # judged by wall time: a cached rerun, a correctness run
 
 
 def median_run(name: str, runs: list[dict]) -> dict:
     """The run with the median figure (throughput, or wall time for WALL_TIME_CASES), with the spread noted."""
-    key = "wall_s" if name in WALL_TIME_CASES else next(k for k in ("images_per_s", "prompts_per_s") if k in runs[0])
+    key = (
+        "wall_s"
+        if name in WALL_TIME_CASES
+        else next(k for k in ("images_per_s", "prompts_per_s") if k in runs[0])
+    )
     ordered = sorted(runs, key=lambda run: run[key])
     chosen = dict(ordered[len(ordered) // 2])
     chosen.update(runs=len(runs), spread=f"{ordered[0][key]:.2f}-{ordered[-1][key]:.2f} {key}")
@@ -323,7 +451,9 @@ def help_timing(runs: int = 10) -> dict:
     times = []
     for _ in range(runs):
         began = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "zsclip", "--help"], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "zsclip", "--help"], stdout=subprocess.DEVNULL, check=True
+        )
         times.append(time.perf_counter() - began)
     times.sort()
     return {"min_s": times[0], "median_s": times[len(times) // 2], "runs": runs}
@@ -333,9 +463,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/zsclip-bench"))
     parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="run only these cases")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every case N times, interleaved, and report the median run (a shared machine's "
-                             "neighbours move single runs by 10-30%%)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every case N times, interleaved, and report the median run (a shared machine's "
+        "neighbours move single runs by 10-30%%)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--launch", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -15,11 +15,20 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageDraw
 
 
-def _shapes(draw: ImageDraw.ImageDraw, width: int, height: int, rng: random.Random, count: int,
-            line_width: int) -> None:
+def _shapes(
+    draw: ImageDraw.ImageDraw,
+    width: int,
+    height: int,
+    rng: random.Random,
+    count: int,
+    line_width: int,
+) -> None:
     for _ in range(count):
         x, y = rng.randrange(width), rng.randrange(height)
-        w, h = rng.randrange(width // 30 + 1, width // 4), rng.randrange(height // 30 + 1, height // 4)
+        w, h = (
+            rng.randrange(width // 30 + 1, width // 4),
+            rng.randrange(height // 30 + 1, height // 4),
+        )
         colour = tuple(rng.randrange(256) for _ in range(3))
         kind = rng.choice(("ellipse", "rectangle", "polygon", "line"))
         if kind == "ellipse":
@@ -27,7 +36,9 @@ def _shapes(draw: ImageDraw.ImageDraw, width: int, height: int, rng: random.Rand
         elif kind == "rectangle":
             draw.rectangle((x, y, x + w, y + h), fill=colour)
         elif kind == "polygon":
-            draw.polygon([(x + rng.randrange(w), y + rng.randrange(h)) for _ in range(5)], fill=colour)
+            draw.polygon(
+                [(x + rng.randrange(w), y + rng.randrange(h)) for _ in range(5)], fill=colour
+            )
         else:
             draw.line((x, y, x + w, y + h), fill=colour, width=line_width)
 
@@ -42,7 +53,8 @@ def soft_photo(width: int, height: int, seed: int) -> Image.Image:
     _shapes(ImageDraw.Draw(canvas), small_w, small_h, rng, 40, max(1, small_w // 150))
     image = canvas.resize((width, height), Image.Resampling.BICUBIC)
     texture = Image.effect_noise((max(1, width // 4), max(1, height // 4)), 40).resize(
-        (width, height), Image.Resampling.BILINEAR)
+        (width, height), Image.Resampling.BILINEAR
+    )
     grain = Image.effect_noise((width, height), 8)
     detail = ImageChops.add(texture, grain, scale=2.0)  # mean 128
     return ImageChops.add(image, Image.merge("RGB", (detail,) * 3), scale=1.0, offset=-128)
@@ -51,15 +63,30 @@ def soft_photo(width: int, height: int, seed: int) -> Image.Image:
 def sharp_photo(width: int, height: int, seed: int) -> Image.Image:
     """Hard-edged shapes and lines on gradients, plus blocky noise: detail that reduced-scale decoding loses."""
     rng = random.Random(seed)
-    gradients = (Image.linear_gradient("L"), Image.radial_gradient("L"), Image.linear_gradient("L").rotate(90))
-    scene = Image.merge("RGB", [g.resize((width, height), Image.Resampling.BILINEAR) for g in gradients])
+    gradients = (
+        Image.linear_gradient("L"),
+        Image.radial_gradient("L"),
+        Image.linear_gradient("L").rotate(90),
+    )
+    scene = Image.merge(
+        "RGB", [g.resize((width, height), Image.Resampling.BILINEAR) for g in gradients]
+    )
     _shapes(ImageDraw.Draw(scene), width, height, rng, 80, max(2, width // 300))
-    noise = Image.frombytes("RGB", (width // 4, height // 4), rng.randbytes((width // 4) * (height // 4) * 3))
+    noise = Image.frombytes(
+        "RGB", (width // 4, height // 4), rng.randbytes((width // 4) * (height // 4) * 3)
+    )
     return Image.blend(scene, noise.resize((width, height), Image.Resampling.NEAREST), 0.08)
 
 
-def write_photo(folder: Path, index: int, size: tuple[int, int], *, prefix: str = "photo", kind: str = "soft",
-                quality: int = 90) -> Path:
+def write_photo(
+    folder: Path,
+    index: int,
+    size: tuple[int, int],
+    *,
+    prefix: str = "photo",
+    kind: str = "soft",
+    quality: int = 90,
+) -> Path:
     """One JPEG (kept if already there, so reruns skip the drawing); written under a temporary name first."""
     path = folder / f"{prefix}_{index:03d}.jpg"
     if not path.is_file():
@@ -71,8 +98,15 @@ def write_photo(folder: Path, index: int, size: tuple[int, int], *, prefix: str 
     return path
 
 
-def write_photos(folder: Path, count: int, size: tuple[int, int], *, prefix: str = "photo", kind: str = "soft",
-                 processes: int = 1) -> list[Path]:
+def write_photos(
+    folder: Path,
+    count: int,
+    size: tuple[int, int],
+    *,
+    prefix: str = "photo",
+    kind: str = "soft",
+    processes: int = 1,
+) -> list[Path]:
     """`count` JPEGs of `size` in `folder`, drawn in `processes` worker processes."""
     jobs = [(folder, index, size, prefix, kind) for index in range(count)]
     if processes <= 1:

@@ -10,8 +10,15 @@ from pathlib import Path
 from click.testing import CliRunner
 
 CAPTIONS = [
-    "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle", "a corgi on a sofa",
-    "a jazz album cover", "a mountain lake at dawn", "a cat", "a dog", "a photo of a small dog",
+    "a photo of a red circle",
+    "a photo of a blue square",
+    "a photo of a green triangle",
+    "a corgi on a sofa",
+    "a jazz album cover",
+    "a mountain lake at dawn",
+    "a cat",
+    "a dog",
+    "a photo of a small dog",
 ]
 
 
@@ -45,15 +52,17 @@ def run_cli(args: list[str], *, input: str | None = None, env: dict[str, str] | 
         return Run(code, out.getvalue().decode("utf-8"), err.getvalue().decode("utf-8"))
 
 
-def build_tiny_checkpoint(folder: Path, name: str = "tiny.safetensors", *, metadata: dict | None = None) -> Path:
+def build_tiny_checkpoint(
+    folder: Path, name: str = "tiny.safetensors", *, metadata: dict | None = None
+) -> Path:
     """The "tiny" preset with random weights, a small BPE tokenizer learned from a few captions, saved as
     zsclip's own format. Builds in well under a second."""
     import torch
 
-    from zsclip.checkpoints import save_checkpoint
-    from zsclip.model import build_model, get_preset
-    from zsclip.tokenizer import train_bpe
-    from zsclip.transform import PreprocessConfig
+    from zsclip.core.checkpoints import save_checkpoint
+    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.transform import PreprocessConfig
+    from zsclip.train.bpe import train_bpe
 
     torch.manual_seed(0)
     config = get_preset("tiny")
@@ -66,8 +75,12 @@ def build_tiny_checkpoint(folder: Path, name: str = "tiny.safetensors", *, metad
     return path
 
 
-def make_image(path: Path, size: tuple[int, int] = (48, 40), color: tuple[int, int, int] = (200, 30, 30),
-               fmt: str | None = None) -> Path:
+def make_image(
+    path: Path,
+    size: tuple[int, int] = (48, 40),
+    color: tuple[int, int, int] = (200, 30, 30),
+    fmt: str | None = None,
+) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,4 +98,7 @@ def make_photo_folder(root: Path) -> list[str]:
     make_image(root / "._a.jpg")  # macOS resource fork: hidden
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "notes.txt").write_text("not an image\n")
-    return [os.path.join(str(root), name) for name in ("a.jpg", "b.png", "sub/c.jpg", "sub/d, with comma.png")]
+    return [
+        os.path.join(str(root), name)
+        for name in ("a.jpg", "b.png", "sub/c.jpg", "sub/d, with comma.png")
+    ]

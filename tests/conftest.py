@@ -31,7 +31,9 @@ def standard_vocab_path() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every test gets its own empty $ZSCLIP_CACHE, so nothing reads or fills the user's ~/.cache/zsclip
     (classify and embed cache image embeddings and label classifiers there by default)."""
     monkeypatch.setenv("ZSCLIP_CACHE", str(tmp_path_factory.mktemp("zsclip-cache")))

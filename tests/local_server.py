@@ -1,6 +1,6 @@
 """A local HTTP/1.1 server for download tests (127.0.0.1 only: nothing at test time leaves the machine).
 
-Shared by tests/test_download.py and tests/test_models_cmd.py; the `server` fixture in conftest.py starts one.
+Shared by tests/test_download.py and tests/test_cli_models.py; the `server` fixture in conftest.py starts one.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class LocalServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -72,11 +74,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self, send_body: bool) -> None:
         server: LocalServer = self.server.owner  # type: ignore[attr-defined]
         rule = server.rules.get(self.path, {})
-        entry = {"method": self.command, "path": self.path, "range": self.headers.get("Range"), "sent": 0}
+        entry = {
+            "method": self.command,
+            "path": self.path,
+            "range": self.headers.get("Range"),
+            "sent": 0,
+        }
         with server._lock:
             server.log.append(entry)
         if "redirect" in rule:
-            return self._reply(entry, 302, {"Location": rule["redirect"], **rule.get("headers", {})}, b"", True)
+            return self._reply(
+                entry, 302, {"Location": rule["redirect"], **rule.get("headers", {})}, b"", True
+            )
         data = server.files.get(self.path)
         if data is None:
             return self._reply(entry, 404, {}, b"not found", send_body)
@@ -85,7 +94,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if match and not rule.get("ignore_range"):
             start = int(match.group(1))
             if start >= len(data):
-                return self._reply(entry, 416, {"Content-Range": f"bytes */{len(data)}"}, b"", send_body)
+                return self._reply(
+                    entry, 416, {"Content-Range": f"bytes */{len(data)}"}, b"", send_body
+                )
             status, extra["Content-Range"] = 206, f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
         limit = len(body)
@@ -93,7 +104,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if rule.get("cuts", 0) > 0:
                 rule["cuts"] -= 1
                 limit = max(0, rule["cut_at"] - start)
-        self._reply(entry, status, extra, body, send_body, limit=limit, delay=rule.get("delay", 0.0))
+        self._reply(
+            entry, status, extra, body, send_body, limit=limit, delay=rule.get("delay", 0.0)
+        )
 
     def _reply(self, entry, status, headers, body, send_body, limit=None, delay=0.0) -> None:
         entry["status"] = status
@@ -107,7 +120,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         limit = len(body) if limit is None else limit
         try:
             for offset in range(0, limit, 16384):
-                chunk = body[offset:min(offset + 16384, limit)]
+                chunk = body[offset : min(offset + 16384, limit)]
                 self.wfile.write(chunk)
                 self.wfile.flush()
                 entry["sent"] += len(chunk)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import build_tiny_checkpoint, run_cli
 
 
@@ -40,18 +39,19 @@ def embed(model: Path, photo: Path, *extra: str) -> torch.Tensor:
     return torch.tensor(json.loads(run.stdout)["embedding"])
 
 
-def test_draft_decoding_is_the_default_and_exact_preprocess_turns_it_off(model: Path, photo: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import zsclip.transform
+def test_draft_decoding_is_the_default_and_exact_preprocess_turns_it_off(
+    model: Path, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zsclip.core.transform
 
     drafts: list[int | None] = []
-    load_image = zsclip.transform.load_image
+    load_image = zsclip.core.transform.load_image
 
     def spy(path, *, draft_size=None, **kwargs):
         drafts.append(draft_size)
         return load_image(path, draft_size=draft_size, **kwargs)
 
-    monkeypatch.setattr(zsclip.transform, "load_image", spy)
+    monkeypatch.setattr(zsclip.core.transform, "load_image", spy)
     drafted = embed(model, photo)
     exact = embed(model, photo, "--exact-preprocess")
     assert drafts == [48, None]  # 1.5 x the tiny model's 32 px, then the full-size decode
@@ -59,25 +59,40 @@ def test_draft_decoding_is_the_default_and_exact_preprocess_turns_it_off(model: 
 
 
 def test_exact_preprocess_matches_the_reference_pipeline(model: Path, photo: Path) -> None:
-    from zsclip.checkpoints import load_model
-    from zsclip.transform import load_image, to_tensor
+    from zsclip.core.checkpoints import load_model
+    from zsclip.core.transform import load_image, to_tensor
 
     loaded = load_model(model)
     with torch.inference_mode():
-        reference = loaded.model.encode_image(to_tensor(load_image(photo), loaded.preprocess)[None])[0]
+        reference = loaded.model.encode_image(
+            to_tensor(load_image(photo), loaded.preprocess)[None]
+        )[0]
     reference = torch.nn.functional.normalize(reference, dim=-1)
     assert (embed(model, photo, "--exact-preprocess") - reference).abs().max() < 1e-5
 
 
 def test_text_passes_equal_one_text_at_a_time(model: Path) -> None:
-    from zsclip.checkpoints import load_model
-    from zsclip.zeroshot import encode_texts
+    from zsclip.core.checkpoints import load_model
+    from zsclip.jobs.zeroshot import encode_texts
 
     loaded = load_model(model)
-    texts = ["a cat", "a photo of a small dog on a sofa in the evening light", "dog", "a jazz album cover",
-             "a photo of a red circle", "a"]
-    together = encode_texts(loaded.model, loaded.tokenizer, texts, device=torch.device("cpu"), token_budget=12)
-    alone = torch.cat([encode_texts(loaded.model, loaded.tokenizer, [t], device=torch.device("cpu")) for t in texts])
+    texts = [
+        "a cat",
+        "a photo of a small dog on a sofa in the evening light",
+        "dog",
+        "a jazz album cover",
+        "a photo of a red circle",
+        "a",
+    ]
+    together = encode_texts(
+        loaded.model, loaded.tokenizer, texts, device=torch.device("cpu"), token_budget=12
+    )
+    alone = torch.cat(
+        [
+            encode_texts(loaded.model, loaded.tokenizer, [t], device=torch.device("cpu"))
+            for t in texts
+        ]
+    )
     assert together.shape == (6, loaded.model.config.embed_dim)
     assert (together - alone).abs().max() < 1e-5  # same rows, same (input) order
 
@@ -92,7 +107,7 @@ def test_help_imports_nothing_heavy() -> None:
                 main()
             except SystemExit:
                 pass
-        heavy = ("torch", "PIL", "rich", "numpy", "safetensors", "zsclip.hub", "http.client", "ssl")
+        heavy = ("torch", "PIL", "rich", "numpy", "safetensors", "zsclip.core.catalogue", "http.client", "ssl")
         print(sorted(name for name in heavy if name in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -101,7 +116,7 @@ def test_help_imports_nothing_heavy() -> None:
 
 
 def test_download_progress_is_still_installed_for_commands(model: Path) -> None:
-    from zsclip import hub
+    from zsclip.core import catalogue as hub
 
     hub.set_progress_factory(None)
     run = run_cli(["models", "--format", "json"])
@@ -126,7 +141,9 @@ def test_cuda_batches_match_the_cpu(model: Path, photo: Path, tmp_path: Path) ->
     paths.append(str(tmp_path / "copy.jpg"))
 
     def rows(*extra: str) -> torch.Tensor:
-        run = run_cli(["embed", *paths, "--model", str(model), "-f", "jsonl", "--no-cache", "-b", "2", *extra])
+        run = run_cli(
+            ["embed", *paths, "--model", str(model), "-f", "jsonl", "--no-cache", "-b", "2", *extra]
+        )
         assert run.code == 0, run.stderr
         return torch.tensor([json.loads(line)["embedding"] for line in run.stdout.splitlines()])
 
@@ -139,7 +156,7 @@ def test_cuda_batches_match_the_cpu(model: Path, photo: Path, tmp_path: Path) ->
 def test_loading_maps_the_weights_without_copies_or_slow_imports(model: Path) -> None:
     code = textwrap.dedent(f"""
         import sys
-        from zsclip.checkpoints import load_model
+        from zsclip.core.checkpoints import load_model
         loaded = load_model({str(model)!r})
         spans = []
         for line in open("/proc/self/maps"):

@@ -1,4 +1,5 @@
-"""zsclip: CLIP (Radford et al. 2021) for zero-shot image classification, from the shell and from Python.
+"""zsclip: CLIP (Radford et al. 2021) for zero-shot image classification, from the shell and from
+Python.
 
     import zsclip
     model, preprocess = zsclip.load("ViT-B/32")           # or a path, or the built-in model: zsclip.load()
@@ -9,7 +10,7 @@ Heavy modules (torch, PIL) are imported on first use, so `import zsclip` is chea
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from zsclip.version import __version__
 
 __all__ = ["load", "tokenize", "available_models", "__version__"]
 

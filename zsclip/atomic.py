@@ -18,13 +18,17 @@ def _current_umask() -> int:
     return mask
 
 
-# mkstemp creates files readable by their owner only; the files zsclip writes should get the usual permissions.
+# mkstemp creates files readable by their owner only; the files zsclip writes should get the usual
+# permissions.
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """Open a temporary sibling of `path` for writing; on success it replaces `path`, on error it is removed."""
+def atomic_write(
+    path: str | os.PathLike, mode: str = "wb", encoding: str | None = None
+) -> Iterator[IO]:
+    """Open a temporary sibling of `path` for writing; on success it replaces `path`, on error it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -52,7 +56,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A fresh temporary path beside `path`, for writers that need a filename (e.g. safetensors.save_file).
+    """A fresh temporary path beside `path`, for writers that need a filename (e.g.
+    safetensors.save_file).
 
     The caller renames it into place with os.replace and removes it on failure.
     """

@@ -2,15 +2,17 @@
 
 download() guarantees, in order:
 - offline mode (offline=True or ZSCLIP_OFFLINE=1) never opens a connection;
-- a file already at `dest` is trusted: it only ever got there after verification (verify=True re-hashes it);
-- one writer per file: an fcntl lock beside `dest` makes a second process wait, then find the file done;
-- bytes go to `<dest>.part`; a cut connection is resumed with an HTTP Range request (a server that answers a
-  Range with the whole file is simply read again from the start);
+- a file already at `dest` is trusted: it only ever got there after verification (verify=True
+  re-hashes it);
+- one writer per file: an fcntl lock beside `dest` makes a second process wait, then find the file
+  done;
+- bytes go to `<dest>.part`; a cut connection is resumed with an HTTP Range request (a server that
+  answers a Range with the whole file is simply read again from the start);
 - the SHA-256 is checked before the rename; a mismatch deletes the bad bytes and says so;
 - the verified file is fsynced and renamed onto `dest` (a crash never leaves half a file at `dest`).
 
-Failures raise UserError subclasses with one-line messages; callers that know what the file is (zsclip.hub) catch
-Unreachable and OfflineMissing to add the ways forward.
+Failures raise UserError subclasses with one-line messages; callers that know what the file is
+(zsclip.core.catalogue) catch Unreachable and OfflineMissing to add the ways forward.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from zsclip import __version__
 from zsclip.errors import UserError
+from zsclip.version import __version__
 
 try:  # POSIX; elsewhere downloads still work, without the inter-process lock
     import fcntl
@@ -98,9 +100,9 @@ def download(
 ) -> Path:
     """Download `url` to `dest` (see the module docstring) and return `dest`.
 
-    sha256: expected hex digest, or None to skip verification. headers: extra request headers, sent to `url`'s
-    host only (not across redirects), e.g. an Authorization token. attempts: tries per call when the connection
-    breaks mid-transfer; a refused or unreachable server fails at once.
+    sha256: expected hex digest, or None to skip verification. headers: extra request headers, sent
+    to `url`'s host only (not across redirects), e.g. an Authorization token. attempts: tries per
+    call when the connection breaks mid-transfer; a refused or unreachable server fails at once.
     """
     dest = Path(dest)
     expected = sha256.lower() if sha256 else None
@@ -117,7 +119,9 @@ def download(
     with _locked(dest):
         if _usable(dest, expected, verify):  # another process finished it while we waited
             return dest
-        return _fetch_with_retries(url, dest, expected, progress, timeout, max(1, attempts), headers or {})
+        return _fetch_with_retries(
+            url, dest, expected, progress, timeout, max(1, attempts), headers or {}
+        )
 
 
 def _usable(dest: Path, expected: str | None, verify: bool) -> bool:
@@ -133,8 +137,8 @@ def _usable(dest: Path, expected: str | None, verify: bool) -> bool:
 def _locked(dest: Path) -> Iterator[None]:
     """Hold an exclusive lock on a hidden file beside `dest` (blocks while another process holds it).
 
-    The lock file is left behind on purpose: deleting it would let a third process lock a fresh inode while
-    the second still holds the old one.
+    The lock file is left behind on purpose: deleting it would let a third process lock a fresh
+    inode while the second still holds the old one.
     """
     if fcntl is None:  # pragma: no cover
         yield
@@ -149,7 +153,12 @@ def _locked(dest: Path) -> Iterator[None]:
 
 
 def _fetch_with_retries(
-    url: str, dest: Path, expected: str | None, progress: Progress | None, timeout: float, attempts: int,
+    url: str,
+    dest: Path,
+    expected: str | None,
+    progress: Progress | None,
+    timeout: float,
+    attempts: int,
     headers: dict[str, str],
 ) -> Path:
     part = part_path(dest)
@@ -168,15 +177,21 @@ def _fetch_with_retries(
     return dest
 
 
-def _fetch_into(url: str, part: Path, progress: Progress | None, timeout: float, headers: dict[str, str]) -> None:
-    """One HTTP exchange: append the missing bytes to `part`. Raises _Interrupted if the body comes up short."""
+def _fetch_into(
+    url: str, part: Path, progress: Progress | None, timeout: float, headers: dict[str, str]
+) -> None:
+    """One HTTP exchange: append the missing bytes to `part`. Raises _Interrupted if the body comes up
+    short."""
     have = _size(part)
     try:
         response = _open(url, have, timeout, headers)
     except _RangeNotSatisfiable:
-        # Our .part is already as long as the file (or longer, if stale): keep it only if it is complete.
+        # Our .part is already as long as the file (or longer, if stale): keep it only if it is
+        # complete.
         part.unlink(missing_ok=True)
-        raise _Interrupted("the partial file did not fit the server's copy; starting again") from None
+        raise _Interrupted(
+            "the partial file did not fit the server's copy; starting again"
+        ) from None
     with response:
         if have and response.status != 206:
             have = 0  # the server ignored Range and sent the whole file: start again from byte 0
@@ -187,9 +202,14 @@ def _fetch_into(url: str, part: Path, progress: Progress | None, timeout: float,
 
 
 def _copy_body(
-    response: http.client.HTTPResponse, part: Path, have: int, total: int | None, progress: Progress | None
+    response: http.client.HTTPResponse,
+    part: Path,
+    have: int,
+    total: int | None,
+    progress: Progress | None,
 ) -> int:
-    """Append the response body to `part` (after its first `have` bytes); return the bytes now in `part`."""
+    """Append the response body to `part` (after its first `have` bytes); return the bytes now in
+    `part`."""
     done = have
     with open(part, "ab" if have else "wb") as out:
         if progress is not None:
@@ -217,7 +237,9 @@ class _RangeNotSatisfiable(Exception):
     pass
 
 
-def _open(url: str, offset: int, timeout: float, headers: dict[str, str]) -> http.client.HTTPResponse:
+def _open(
+    url: str, offset: int, timeout: float, headers: dict[str, str]
+) -> http.client.HTTPResponse:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if offset:
         request.add_header("Range", f"bytes={offset}-")  # kept across redirects (CDNs)
@@ -230,20 +252,31 @@ def _open(url: str, offset: int, timeout: float, headers: dict[str, str]) -> htt
             raise _RangeNotSatisfiable() from None
         if err.code == 404:
             raise NotFound(f"{url} does not exist (HTTP 404)") from None
-        raise DownloadError(f"{_host(url)} answered HTTP {err.code} {err.reason} for {url}") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as err:
+        raise DownloadError(
+            f"{_host(url)} answered HTTP {err.code} {err.reason} for {url}"
+        ) from None
+    except (
+        urllib.error.URLError,
+        ConnectionError,
+        TimeoutError,
+        socket.timeout,
+        http.client.HTTPException,
+    ) as err:
         reason = getattr(err, "reason", err)
         raise Unreachable(f"cannot reach {_host(url)} ({reason})") from None
 
 
 def _total_length(response: http.client.HTTPResponse, have: int, part: Path) -> int | None:
-    """Full size of the file, from Content-Range (206) or Content-Length (200); None if the server won't say."""
+    """Full size of the file, from Content-Range (206) or Content-Length (200); None if the server
+    won't say."""
     content_range = response.headers.get("Content-Range", "")
     match = re.match(r"bytes (\d+)-\d+/(\d+)", content_range)
     if response.status == 206 and match:
         if int(match.group(1)) != have:
             part.unlink(missing_ok=True)
-            raise _Interrupted(f"server resumed at byte {match.group(1)}, not {have}; starting again")
+            raise _Interrupted(
+                f"server resumed at byte {match.group(1)}, not {have}; starting again"
+            )
         return int(match.group(2))
     length = response.headers.get("Content-Length")
     return have + int(length) if length and length.isdigit() else None
@@ -268,21 +301,32 @@ def _finish(part: Path, dest: Path, expected: str | None) -> None:
             os.close(dir_fd)
 
 
-def probe(url: str, *, timeout: float = 30.0, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+def probe(
+    url: str, *, timeout: float = 30.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str]]:
     """HEAD `url` without following redirects; return (status, headers with lower-case names).
 
-    Some hosts state a file's checksum only on the redirect response, which urllib would otherwise swallow.
+    Some hosts state a file's checksum only on the redirect response, which urllib would otherwise
+    swallow.
     """
     if offline_from_env():
         raise OfflineMissing(f"offline mode is on; not asking {_host(url)}")
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT, **(headers or {})})
+    request = urllib.request.Request(
+        url, method="HEAD", headers={"User-Agent": USER_AGENT, **(headers or {})}
+    )
     opener = urllib.request.build_opener(_NoRedirect())
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}
     except urllib.error.HTTPError as err:  # 3xx arrive here too, since _NoRedirect declines them
         return err.code, {k.lower(): v for k, v in err.headers.items()}
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as err:
+    except (
+        urllib.error.URLError,
+        ConnectionError,
+        TimeoutError,
+        socket.timeout,
+        http.client.HTTPException,
+    ) as err:
         raise Unreachable(f"cannot reach {_host(url)} ({getattr(err, 'reason', err)})") from None
 
 

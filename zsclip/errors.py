@@ -1,6 +1,7 @@
 """The one exception type for mistakes a user can fix.
 
-The CLI prints its message as a single line and exits with `exit_code`; the message should name the fix.
+The CLI prints its message as a single line and exits with `exit_code`; the message should name the
+fix.
 """
 
 from __future__ import annotations
@@ -15,4 +16,5 @@ class UserError(Exception):
 
 
 class InputError(Exception):
-    """One input (an image, a row) could not be used. The message is a one-line reason; the run goes on."""
+    """One input (an image, a row) could not be used. The message is a one-line reason; the run goes
+    on."""

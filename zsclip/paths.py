@@ -1,6 +1,7 @@
 """Where zsclip finds its data (prompts/, weights/) and keeps its cache.
 
-A checkout has prompts/ and weights/ beside the package; an installed wheel carries them in zsclip/_data/.
+A checkout has prompts/ and weights/ beside the package; an installed wheel carries them in
+zsclip/_data/.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def weights_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """zsclip's cache: $ZSCLIP_CACHE, else $XDG_CACHE_HOME/zsclip, else ~/.cache/zsclip. Not created here."""
+    """zsclip's cache: $ZSCLIP_CACHE, else $XDG_CACHE_HOME/zsclip, else ~/.cache/zsclip. Not created
+    here."""
     if os.environ.get("ZSCLIP_CACHE"):
         return Path(os.environ["ZSCLIP_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

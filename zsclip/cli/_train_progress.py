@@ -1,0 +1,121 @@
+"""The terminal side of `zsclip train`: signals, the progress bar on stderr, and the closing summary."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from zsclip.cli._output import error_line, note, stderr_console, warn
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """Ctrl-C / SIGTERM ask the loop to save and stop after the current step; a second Ctrl-C aborts at
+    once."""
+    received: dict[str, Any] = {"signal": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        if received["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_training(config: Any, *, resume: bool, quiet: bool) -> int:
+    """Run the job; returns the exit code (0 done, 130/143 stopped by a signal after saving).
+
+    Under torchrun only rank 0 shows progress, notes and warnings; every process leaves the process
+    group.
+    """
+    from zsclip.train.distributed import is_main, shutdown
+
+    main = is_main()
+    try:
+        return _run(config, resume=resume, quiet=quiet or not main, main=main)
+    finally:
+        shutdown()
+
+
+def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from zsclip.train.data import DataError
+    from zsclip.train.loop import Hooks, prepare
+
+    # The bar starts only once the data checks and set-up have passed, so errors print on a clean
+    # terminal.
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=stderr_console(),
+        disable=quiet,
+        transient=False,
+    )
+    task = bar.add_task("training", total=None, status="")
+
+    def on_start(start: int, total: int) -> None:
+        bar.update(task, completed=start, total=total)
+        if start:
+            note(f"resuming at step {start} of {total}", quiet=quiet)
+
+    def on_step(record: dict) -> None:
+        status = f"loss {record['loss']:.4f}  scale {record['logit_scale']:.1f}  {record['images_per_s']:.0f} img/s"
+        bar.update(task, completed=record["step"], status=status)
+
+    def on_validation(record: dict) -> None:
+        shown = {k: v for k, v in record.items() if k not in ("event", "step")}
+        note(
+            "step {}: ".format(record["step"])
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+            quiet=quiet,
+        )
+
+    with stop_on_signals() as received:
+        hooks = Hooks(
+            warn=warn if main else (lambda message: None),
+            note=lambda m: note(m, quiet=quiet),
+            on_start=on_start,
+            on_step=on_step,
+            on_validation=on_validation,
+            should_stop=lambda: received["signal"] is not None,
+        )
+        try:
+            run = prepare(config, resume=resume, hooks=hooks)
+        except DataError as err:
+            for problem in err.problems[:50]:
+                error_line(problem)
+            if len(err.problems) > 50:
+                error_line(f"... and {len(err.problems) - 50} more")
+            raise
+        with bar:
+            result = run.train()
+    if result.interrupted:
+        note(
+            f"stopped at step {result.step} of {result.total_steps}; saved. Continue with the same command "
+            f"and --resume",
+            quiet=not main,
+        )
+        return EXIT_CODES.get(received["signal"], 130)
+    note(
+        f"done: {result.step} steps in {result.seconds:.0f} s; model: {result.output / 'model.safetensors'}",
+        quiet=quiet,
+    )
+    return 0

@@ -1,0 +1,128 @@
+"""The Typer app: every command registers itself from its own module in zsclip/cli/.
+
+User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
+exits with its code (2 for usage errors). ZSCLIP_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from zsclip.cli import classify, convert, embed, evaluate, models, shapes, train
+from zsclip.errors import UserError
+
+app = typer.Typer(
+    name="zsclip",
+    help=(
+        "Zero-shot image classification with CLIP.\n\n"
+        'Example: zsclip classify photos/ --labels "corgi,jazz album"'
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
+# `download`.
+for _command in (classify, embed, train, evaluate, shapes, models, convert):
+    _command.register(app)
+
+
+@app.callback()
+def _before_any_command() -> None:
+    # Click runs this before every command but never for `zsclip --help`, so what it imports
+    # (zsclip.core.catalogue: urllib, http.client, ssl, ~50 ms) stays off the help path.
+    from zsclip.cli.models import install_download_progress
+
+    install_download_progress()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")
+    if not debug:
+        import warnings
+
+        # PIL's decompression-bomb and corrupt-EXIF warnings: zsclip already reports such inputs in
+        # one line.
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        # torch warns at import when numpy is absent; zsclip does not use numpy at run time.
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    try:
+        # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
+        code = app(standalone_mode=False)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"zsclip: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("zsclip: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as err:  # click usage errors arrive here in non-standalone mode
+        # Typer 0.29 raises the exceptions of its vendored click (typer._click), older ones click's
+        # own: match on the shape both share rather than on either class.
+        if type(err).__name__ == "Abort":
+            print("zsclip: aborted", file=sys.stderr)
+            sys.exit(130)
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
+            if debug:
+                raise
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def run() -> None:
+    """The `zsclip` program (console script and `python -m zsclip`): `main`, then a quick exit.
+
+    Once torch is loaded, the interpreter's normal shutdown spends 0.2-0.5 s here tearing down
+    torch's thousands of module objects one by one, which is most of what a cached rerun would
+    otherwise wait for. When the command is over, its files written and closed, and nothing else
+    runs (no other thread, child process or distributed process group), the exit handlers run and
+    the streams are flushed as usual, then the process ends without that teardown. Tests and library
+    users call `main`, which returns normally.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    if "torch" not in sys.modules or not _quiet_process():
+        sys.exit(code)
+    import atexit
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a stream already closed
+            pass
+    os._exit(code or 0)
+
+
+def _quiet_process() -> bool:
+    """Only the main thread left, no child process still running, no distributed process group still
+    open."""
+    import threading
+
+    if threading.active_count() > 1:
+        return False
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return False
+    multiprocessing = sys.modules.get("multiprocessing")
+    return multiprocessing is None or not multiprocessing.active_children()

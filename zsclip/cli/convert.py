@@ -1,0 +1,55 @@
+"""`zsclip convert`: any checkpoint zsclip can load, saved as a self-describing zsclip .safetensors
+file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zsclip.cli._options import OfflineOpt, VocabOpt
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        epilog="Example: zsclip convert ViT-B-32.pt vit-b-32.safetensors",
+    )(convert)
+
+
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint to read: a file or folder in any supported format, or a model name."
+        ),
+    ],
+    destination: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    vocab: VocabOpt = None,
+    offline: OfflineOpt = False,
+) -> None:
+    """Convert an OpenAI, OpenCLIP or Hugging Face checkpoint to zsclip's own .safetensors format."""
+    from zsclip.cli._output import note
+    from zsclip.core.checkpoints import load_model, save_checkpoint
+    from zsclip.core.model import count_parameters
+    from zsclip.errors import UserError
+
+    if destination.suffix != ".safetensors":
+        raise UserError(f"{destination}: the destination must end in .safetensors")
+    loaded = load_model(source, vocab=vocab, offline=offline)
+    keep = {
+        k: v
+        for k, v in loaded.metadata.items()
+        if k in ("templates", "source_format", "description")
+    }
+    save_checkpoint(
+        destination,
+        loaded.model,
+        preprocess=loaded.preprocess,
+        tokenizer=loaded.tokenizer,
+        metadata=keep,
+    )
+    note(
+        f"wrote {destination} ({count_parameters(loaded.model):,} parameters, "
+        f"{loaded.metadata.get('source_format', 'zsclip')} format in)"
+    )

@@ -1,0 +1,182 @@
+"""`zsclip eval`: zero-shot accuracy on a folder of class subfolders, or retrieval recall on a pairs
+file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from zsclip.cli._options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ModelOpt,
+    OfflineOpt,
+    PrecisionOpt,
+    QuietOpt,
+    VocabOpt,
+    WorkersOpt,
+)
+
+EPILOG = """\b
+Examples:
+  zsclip eval shapes/heldout --labels-file shapes/labels.txt
+  zsclip eval photos/by-class --model ViT-B/32 --templates photo --format table
+  zsclip eval --pairs val.tsv --model runs/x/model.safetensors
+
+\b
+JSON keys: top1, top5, mean_per_class_recall, n, classes; with --pairs: image_to_text_R@{1,5,10},
+text_to_image_R@{1,5,10}, n."""
+
+
+def eval_command(
+    folder: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Folder with one subfolder of images per class; the subfolder name is the label."
+        ),
+    ] = None,
+    pairs: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--pairs", help="Measure retrieval recall on image<TAB>caption pairs instead."
+        ),
+    ] = None,
+    labels_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--labels-file",
+            "-L",
+            help="All candidate labels, one a line: every folder name must be among them; "
+            "the others act as distractors.",
+        ),
+    ] = None,
+    templates: Annotated[
+        Optional[str],
+        typer.Option(
+            "--templates",
+            "-t",
+            help="Prompt template set (name in prompts/ or a file). Default: the model's own set, "
+            "else photo.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    vocab: VocabOpt = None,
+    fmt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format", "-f", help="json or table (default: table on a terminal, json otherwise)."
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: BatchSizeOpt = 256,
+    workers: WorkersOpt = 0,
+    quiet: QuietOpt = False,
+    offline: OfflineOpt = False,
+) -> None:
+    """Measure a model: zero-shot top-1/top-5 on class folders, or recall@k on image-caption pairs."""
+    from zsclip.cli._output import stdout_is_terminal
+    from zsclip.errors import UserError
+
+    if (folder is None) == (pairs is None):
+        raise UserError(
+            "give a class folder (zsclip eval DIR) or --pairs FILE, not both and not neither"
+        )
+    fmt = fmt or ("table" if stdout_is_terminal() else "json")
+    if fmt not in ("json", "table"):
+        raise UserError(f"unknown --format {fmt!r}: use json or table")
+    if pairs is not None and (labels_file is not None or templates is not None):
+        raise UserError("--labels-file and --templates apply to class folders, not to --pairs")
+    from zsclip.jobs import evaluate
+
+    # The cheap checks (folders, labels, pairs file) come before the model is loaded.
+    if folder is not None:
+        from zsclip.jobs.labels import read_labels_file
+
+        labels = read_labels_file(labels_file) if labels_file is not None else None
+        task: Any = evaluate.ZeroShotSet.from_folder(folder, labels, None)
+        total = len(task.items)
+    else:
+        from zsclip.train import data
+
+        task = data.load_pairs(pairs)
+        total = len(task)
+    options = {
+        "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+        "workers": workers or 0,
+    }
+    result = _measure(task, templates, _load(model, vocab, device, offline), options, total, quiet)
+    _render(result, fmt)
+
+
+def _load(model: str | None, vocab: Path | None, device: str, offline: bool) -> Any:
+    from zsclip.core.checkpoints import load_model
+    from zsclip.core.devices import resolve_device
+
+    return load_model(model, vocab=vocab, device=resolve_device(device), offline=offline)
+
+
+def _measure(
+    task: Any, templates: str | None, loaded: Any, options: dict, total: int, quiet: bool
+) -> dict:
+    """Zero-shot scores for a ZeroShotSet, retrieval recall for a list of pairs."""
+    from zsclip.cli._output import progress
+    from zsclip.core.devices import autocast, resolve_device, resolve_precision
+    from zsclip.jobs import evaluate
+    from zsclip.jobs.labels import load_templates
+
+    device = resolve_device(options["device"])
+    dtype = resolve_precision(options["precision"], device)
+    run = dict(
+        autocast=lambda: autocast(device, dtype),
+        batch_size=options["batch_size"],
+        workers=options["workers"],
+    )
+    with progress(total, "evaluating", quiet=quiet) as bar:
+        done = [0]
+
+        def tick(now: int, _total: int) -> None:
+            bar.advance(now - done[0])
+            done[0] = now
+
+        if isinstance(task, evaluate.ZeroShotSet):
+            task.templates = load_templates(
+                templates, model_default=loaded.metadata.get("templates")
+            )
+            return evaluate.evaluate_zeroshot(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.preprocess,
+                task,
+                device,
+                progress=tick,
+                **run,
+            )
+        return evaluate.evaluate_pairs(
+            loaded.model, loaded.tokenizer, loaded.preprocess, task, device, progress=tick, **run
+        )
+
+
+def _render(result: dict, fmt: str) -> None:
+    import json
+    import sys
+
+    if fmt == "json":
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    from rich.table import Table
+
+    from zsclip.cli._output import stdout_console
+
+    table = Table("metric", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    stdout_console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", epilog=EPILOG)(eval_command)

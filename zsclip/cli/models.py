@@ -1,0 +1,183 @@
+"""`zsclip models` lists what can be loaded by name; `zsclip download` fetches it ahead of time.
+
+`install_download_progress` is the stderr progress bar zsclip.core.catalogue shows whenever any
+command's `--model NAME` fetches a file on first use; zsclip/cli/app.py installs it before every
+command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from zsclip.cli._options import OfflineOpt, QuietOpt
+from zsclip.errors import UserError
+
+FORMATS = ("table", "json")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models_command)
+    app.command("download")(download_command)
+
+
+def install_download_progress() -> None:
+    from zsclip.core import catalogue as hub
+
+    hub.set_progress_factory(progress_bar)
+
+
+def models_command(
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """List the built-in model(s) and every downloadable name, with size, whether cached, and where.
+
+    Example: zsclip models --format json
+    """
+    from zsclip.core import catalogue as hub
+
+    if format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    rows = hub.catalog()
+    if format == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_table(rows))
+    sys.stdout.flush()
+
+
+def download_command(
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME",
+            help="Names from `zsclip models` (e.g. ViT-B/32), `vocab`, or hf:ORG/NAME.",
+            show_default=False,
+        ),
+    ],
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Re-hash files already in the cache and fetch again any that differ."
+        ),
+    ] = False,
+) -> None:
+    """Fetch checkpoints into the cache ahead of time; print each local path on stdout.
+
+    Example: zsclip download ViT-B/32 hf:openai/clip-vit-base-patch32
+    """
+    from zsclip.cli._output import error_line
+
+    failures: list[UserError] = []
+    for name in names:
+        try:
+            path = fetch_by_name(name, offline=offline, quiet=quiet, verify=verify)
+        except UserError as err:
+            if len(names) == 1:
+                raise
+            error_line(str(err))
+            failures.append(err)
+            continue
+        sys.stdout.write(f"{path}\n")
+        sys.stdout.flush()
+    if failures:
+        code = max(err.exit_code for err in failures)
+        raise UserError(
+            f"{len(failures)} of {len(names)} downloads failed (see above)", exit_code=code
+        )
+
+
+def fetch_by_name(name: str, *, offline: bool, quiet: bool, verify: bool = False):  # -> Path
+    """The local path for one NAME of `zsclip download`, fetching it if needed."""
+    from functools import partial
+
+    from zsclip.core import catalogue as hub
+
+    progress = partial(progress_bar, quiet=quiet)
+    for builtin in hub.builtin_models():
+        if hub.canonical(builtin.stem) == hub.canonical(name):
+            return builtin  # shipped with zsclip: nothing to fetch
+    entry = hub.lookup(name)
+    if entry is not None and entry.kind == "vocab":
+        return hub.fetch_standard_vocab(offline=offline, progress=progress, verify=verify)
+    path = hub.resolve(name, offline=offline, progress=progress, verify=verify)
+    if path is None:
+        raise UserError(
+            f"unknown model name {name!r}; `zsclip models` lists the names (or use hf:ORG/NAME)"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, size: Optional[int], *, quiet: bool = False) -> Iterator:
+    """A hub.ProgressFactory: a rich bar on stderr when it is a terminal, one note line otherwise."""
+    from zsclip.cli._output import note, stderr_is_terminal
+
+    if quiet or not stderr_is_terminal():
+        note(f"downloading {label}" + (f" ({human_size(size)})" if size else ""), quiet=quiet)
+        yield _ignore
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from zsclip.cli._output import stderr_console
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr_console(), transient=False) as bar:
+        task = bar.add_task(f"downloading {label}", total=size)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _ignore(done: int, total: Optional[int]) -> None:
+    pass
+
+
+def human_size(size: Optional[int]) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def render_table(rows: list[dict]) -> str:
+    """Plain aligned columns (no markup): NAME KIND SIZE CACHED PATH."""
+    header = ("NAME", "KIND", "SIZE", "CACHED", "PATH")
+    lines = [header] + [
+        (
+            row["name"],
+            row["kind"],
+            human_size(row["size"]),
+            "yes" if row["cached"] else "no",
+            row["path"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths))
+        + "  "
+        + line[-1]
+        + "\n"
+        for line in lines
+    )

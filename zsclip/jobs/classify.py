@@ -1,0 +1,158 @@
+"""The classify job: images (or saved image embeddings) x a zero-shot classifier -> one Prediction per
+input.
+
+Single-label scores are the paper's: softmax(logit_scale * cosine) over the labels, so they sum to
+1.
+
+Multi-label scores answer "does this image show X?" for each label on its own:
+    score(label) = sigmoid(logit_scale * (cosine(image, label) - threshold))
+It is 0.5 exactly when the cosine equals `threshold`, rises towards 1 above it, and does not depend on the
+other labels. A label is reported when its score is at least 0.5, i.e. when its cosine reaches the threshold.
+The threshold is a cosine similarity; good values depend on the model (about 0.2-0.3 for OpenAI's CLIP
+models), which is why a checkpoint may carry its own default in its metadata (`multi_label_threshold`).
+
+Jobs never print: this module yields Prediction rows; the terminal layer renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from zsclip.jobs.inputs import InputItem
+from zsclip.jobs.pipeline import DecodeOptions, decoded_batches, encode_batches
+
+if TYPE_CHECKING:
+    import torch
+
+    from zsclip.core.model import CLIP
+    from zsclip.core.transform import PreprocessConfig
+    from zsclip.jobs.cache import ImageCache
+    from zsclip.jobs.embedding_files import EmbeddingTable
+
+DEFAULT_TOP_K = 5
+DEFAULT_THRESHOLD = 0.25  # cosine; see the module docstring
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(
+        default_factory=list
+    )  # best first; multi-label: only labels that pass
+    error: str | None = None
+    thumbnail: bytes | None = None  # JPEG for the HTML report
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    @property
+    def score(self) -> float | None:
+        return self.top[0][1] if self.top else None
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    top_k: int = DEFAULT_TOP_K  # labels kept per input (at most the number of labels)
+    multi_label: bool = False
+    # multi-label only: the cosine at which a label's score is 0.5
+    threshold: float = DEFAULT_THRESHOLD
+    batch_size: int = 32
+    workers: int = 0  # decoding threads; 0 decodes in the calling thread
+    # exact by default here; the CLI drafts unless --exact-preprocess
+    decode: DecodeOptions = DecodeOptions()
+
+
+def logit_scale_of(model: "CLIP") -> float:
+    """exp(logit_scale), capped at 100 as in training."""
+    return float(model.logit_scale.detach().exp().clamp(max=100.0))
+
+
+def score_features(
+    features: "torch.Tensor", classifier: "torch.Tensor", scale: float, options: ClassifyOptions
+) -> "torch.Tensor":
+    """[N, D] unit image features x [D, C] classifier -> [N, C] scores (see the module docstring)."""
+    import torch
+
+    cosine = features.float() @ classifier.float()  # [N, C]
+    if options.multi_label:
+        return torch.sigmoid(scale * (cosine - options.threshold))
+    return torch.softmax(scale * cosine, dim=-1)
+
+
+def ranked(
+    scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions
+) -> list[tuple[str, float]]:
+    """[C] scores -> the top-k (label, score) pairs, best first; multi-label keeps only scores >= 0.5."""
+    k = min(options.top_k, len(labels))
+    values, indices = scores.topk(k)
+    pairs = [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+    if options.multi_label:
+        pairs = [(label, value) for label, value in pairs if value >= 0.5]
+    return pairs
+
+
+def classify_images(
+    model: "CLIP",
+    items: Sequence[InputItem],
+    classifier: "torch.Tensor",
+    labels: Sequence[str],
+    preprocess: "PreprocessConfig",
+    options: ClassifyOptions,
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    cache: "ImageCache | None" = None,
+) -> Iterator[Prediction]:
+    """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
+    With `cache`, images whose embedding is stored (file unchanged) are neither decoded nor encoded."""
+    if classifier.shape[1] != len(labels):
+        raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
+    scale = logit_scale_of(model)
+    batches = decoded_batches(
+        items,
+        preprocess,
+        batch_size=options.batch_size,
+        workers=options.workers,
+        options=options.decode,
+        cache=cache,
+    )
+    for batch, features in encode_batches(
+        model, batches, device=device, dtype=dtype, preprocess=preprocess, cache=cache
+    ):
+        scores = score_features(features, classifier, scale, options)  # [n, C]
+        row = 0
+        for entry in batch:
+            if entry.error is not None:
+                yield Prediction(entry.path, error=entry.error)
+                continue
+            yield Prediction(
+                entry.path, ranked(scores[row], labels, options), thumbnail=entry.thumbnail
+            )
+            row += 1
+
+
+def classify_embeddings(
+    table: "EmbeddingTable",
+    classifier: "torch.Tensor",
+    labels: Sequence[str],
+    scale: float,
+    options: ClassifyOptions,
+) -> Iterator[Prediction]:
+    """Predictions for saved image embeddings, in the file's order, without touching the images."""
+    import torch.nn.functional as F
+
+    features = F.normalize(
+        table.vectors.float(), dim=-1
+    )  # [N, D]; already unit length, made sure of
+    scores = score_features(features, classifier, scale, options) if len(table.keys) else None
+    errors = sorted(table.errors, key=lambda error: error[0])  # stable: keeps the file order
+    next_error = 0
+    for row, key in enumerate(table.keys):
+        while next_error < len(errors) and errors[next_error][0] <= row:
+            yield Prediction(errors[next_error][1], error=errors[next_error][2])
+            next_error += 1
+        yield Prediction(key, ranked(scores[row], labels, options))
+    for _, key, reason in errors[next_error:]:
+        yield Prediction(key, error=reason)

@@ -1,0 +1,125 @@
+"""Turn INPUT arguments (files, folders, `-` for paths on stdin) into an ordered list of image inputs.
+
+Order of the result = order of the arguments; a folder contributes its images recursively, sorted by
+name at every level. Inside folders, hidden entries (`.DS_Store`, macOS `._IMG_1.JPG` forks,
+`.git/`) and files without an image extension are skipped. Symlinks are followed, but a folder
+already visited (by its real path) is never entered again, so link cycles cannot loop. A path that
+cannot be used (missing, a dangling link, a link cycle) becomes an input with an `error`, so the
+caller reports it and goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence, TextIO
+
+from zsclip.errors import UserError
+
+# Extensions collected from folders. A file named explicitly is always tried, whatever its name.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .ppm .pgm .pbm .pnm .ico .tga .heic .avif".split()
+)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input as the user will see it in the output: `path` as given or joined below a given folder."""
+
+    path: str
+    error: str | None = None
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_stdin_paths(stream: TextIO) -> list[str]:
+    """Newline-separated paths; blank lines skipped, a trailing carriage return dropped, spaces kept."""
+    paths = []
+    for line in stream:
+        line = line.rstrip("\n").rstrip("\r")
+        if line.strip():
+            paths.append(line)
+    return paths
+
+
+def _link_problem(path: str) -> str | None:
+    """Why `path` cannot be opened, for a missing path or a bad symlink; None when it exists."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink cycle (following the link leads back to it)"
+        if os.path.islink(path):
+            return f"dangling symlink (target {os.readlink(path)!r} does not exist)"
+        if err.errno == errno.ENOENT:
+            return "no such file or folder"
+        return err.strerror or str(err)
+
+
+def _walk_folder(folder: str, seen_dirs: set[str]) -> Iterator[InputItem]:
+    """Images below `folder`, depth first, each level sorted by name; never enters a real folder twice."""
+    real = os.path.realpath(folder)
+    if real in seen_dirs:
+        # a link back to a folder on this walk (or one already listed): following it would loop
+        return
+    seen_dirs.add(real)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as err:
+        yield InputItem(folder, f"cannot list folder: {err.strerror or err}")
+        return
+    for name in names:
+        if is_hidden(name):
+            continue
+        child = os.path.join(folder, name)
+        if os.path.isdir(child):  # follows symlinks
+            yield from _walk_folder(child, seen_dirs)
+        elif os.path.isfile(child):
+            if is_image_name(name):
+                yield InputItem(child)
+        elif is_image_name(
+            name
+        ):  # named like an image but unusable (broken link, FIFO, socket): say so
+            yield InputItem(
+                child, _link_problem(child) or "not a regular file (a FIFO, socket or device)"
+            )
+
+
+def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[InputItem]:
+    """Expand INPUT arguments in order. `-` reads newline-separated paths from `stdin` (once)."""
+    if not args:
+        raise UserError(
+            "no INPUT given: name image files or folders, or `-` to read paths from stdin"
+        )
+    items: list[InputItem] = []
+    seen_dirs: set[str] = set()
+    stdin_used = False
+    for arg in args:
+        if arg == "-":
+            if stdin_used:
+                raise UserError("`-` (paths on stdin) may be given only once")
+            stdin_used = True
+            if stdin is None:
+                raise UserError("`-` was given but there is no stdin to read paths from")
+            items.extend(_expand_many(read_stdin_paths(stdin), seen_dirs))
+        else:
+            items.extend(_expand_many([arg], seen_dirs))
+    return items
+
+
+def _expand_many(paths: Iterable[str], seen_dirs: set[str]) -> Iterator[InputItem]:
+    for path in paths:
+        if os.path.isdir(path):
+            yield from _walk_folder(path, seen_dirs)
+        elif os.path.exists(path):
+            yield InputItem(path)
+        else:
+            yield InputItem(path, _link_problem(path) or "cannot open")

@@ -1,0 +1,137 @@
+"""Class labels and prompt-template sets.
+
+Labels come from `--labels "a,b,c"` (split on commas, trimmed) or `--labels-file` (one per line, so
+a label may hold commas; blank lines and lines starting with `#` are skipped). Empty and duplicate
+labels are usage errors: a duplicate would split its probability mass in two.
+
+A template set is plain text, one template per line, `{}` where the label goes, `#` starting a
+comment. The named sets live in prompts/<name>.txt; a user's file works the same way.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from zsclip.errors import UserError
+from zsclip.paths import prompts_dir
+
+DEFAULT_TEMPLATE_SET = "photo"
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    name: str  # the set's name, or the file's path for a user's file
+    templates: tuple[str, ...]
+
+    def prompts(self, label: str) -> list[str]:
+        # str.replace, not str.format: labels with braces ("{x}") must come through untouched.
+        return [template.replace("{}", label) for template in self.templates]
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(
+            encoding="utf-8-sig"
+        )  # tolerate a byte-order mark from Windows editors
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
+
+
+def _key(label: str) -> str:
+    # Prompts are lower-cased and whitespace-collapsed by the tokenizer, so "Corgi" and "corgi " are
+    # one class.
+    return " ".join(unicodedata.normalize("NFC", label).casefold().split())
+
+
+def check_labels(labels: list[str], source: str) -> list[str]:
+    """Refuse empty lists, empty labels and duplicates, naming the culprit."""
+    if not labels:
+        raise UserError(f'no labels in {source}; give at least one, e.g. --labels "cat,dog"')
+    seen: dict[str, str] = {}
+    for position, label in enumerate(labels, start=1):
+        if not label:
+            raise UserError(
+                f"label {position} in {source} is empty; remove the extra comma or blank entry"
+            )
+        key = _key(label)
+        if key in seen:
+            raise UserError(
+                f"duplicate label {label!r} in {source} (same as {seen[key]!r}); list each once"
+            )
+        seen[key] = label
+    return labels
+
+
+def parse_labels_option(text: str) -> list[str]:
+    """`--labels "corgi, jazz album"` -> ["corgi", "jazz album"]."""
+    return check_labels([part.strip() for part in text.split(",")], "--labels")
+
+
+def read_labels_file(path: Path) -> list[str]:
+    """One label per line; blank lines and `#` comment lines skipped; commas are part of the label."""
+    labels = []
+    for line in _read_text(path, "labels file").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            labels.append(line)
+    return check_labels(labels, f"labels file {str(path)!r}")
+
+
+def resolve_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    """Exactly one of --labels and --labels-file."""
+    if labels is not None and labels_file is not None:
+        raise UserError("give --labels or --labels-file, not both")
+    if labels is not None:
+        return parse_labels_option(labels)
+    if labels_file is not None:
+        return read_labels_file(labels_file)
+    raise UserError('no labels: give --labels "cat,dog" or --labels-file classes.txt')
+
+
+def parse_templates(text: str, name: str) -> TemplateSet:
+    """Parse template-file text. Each template must contain `{}`."""
+    templates = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()  # `#` starts a comment, anywhere on the line
+        if not line:
+            continue
+        if "{}" not in line:
+            raise UserError(
+                f"template set {name!r}, line {number}: {line!r} has no {{}} where the label goes"
+            )
+        templates.append(line)
+    if not templates:
+        raise UserError(
+            f"template set {name!r} holds no templates; write one per line, e.g. 'a photo of a {{}}.'"
+        )
+    return TemplateSet(name, tuple(dict.fromkeys(templates)))  # drop repeats, keep order
+
+
+def available_template_sets() -> list[str]:
+    folder = prompts_dir()
+    return sorted(path.stem for path in folder.glob("*.txt")) if folder.is_dir() else []
+
+
+def load_templates(spec: str | Path | None, *, model_default: str | None = None) -> TemplateSet:
+    """A template set by name (prompts/<name>.txt) or by file path.
+
+    With no spec: the set the checkpoint names (`model_default`) when it exists, else the default
+    set.
+    """
+    if spec is None:
+        names = available_template_sets()
+        spec = model_default if model_default in names else DEFAULT_TEMPLATE_SET
+    path = Path(spec)
+    if path.is_file():
+        return parse_templates(_read_text(path, "template file"), str(path))
+    named = prompts_dir() / f"{spec}.txt"
+    if named.is_file() and "/" not in str(spec) and "\\" not in str(spec):
+        return parse_templates(_read_text(named, "template set"), str(spec))
+    choices = ", ".join(available_template_sets()) or "none installed"
+    raise UserError(f"unknown template set {str(spec)!r}: give a file path or one of: {choices}")

@@ -1,0 +1,331 @@
+"""The image half shared by classify and embed: paths -> decoded batches -> normalised image features.
+
+    decoded_batches(items, ...)   an iterator of batches, in input order; each entry holds uint8 [3, S, S] pixels,
+                                  a cached embedding, or the one-line reason its file could not be read
+    encode_batches(model, ...)    runs the image tower on each batch's decoded entries, yields unit fp32 features
+
+Speed comes from four places:
+  * draft decoding: JPEGs are decoded at a reduced DCT scale when that keeps the short side >= 1.5 x the model's
+    input size (`draft_size_for`): a 12-megapixel photo decodes at 1/8 scale, decoded and resized ~4x faster;
+  * decoding in `workers` threads, a bounded window ahead of the model, while the model computes (PIL releases
+    the GIL while it decodes and resizes); memory stays flat however many inputs there are;
+  * pixels travel as uint8 (a quarter of float32) and are normalised a whole batch at a time on the model's
+    device; on CUDA the batch goes through pinned memory with a non-blocking copy, and one batch is computed
+    while the previous one's features come back;
+  * an optional ImageCache (zsclip.jobs.cache): a file whose embedding is stored, unchanged since, is not decoded.
+Results always come back in input order.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
+
+from zsclip.errors import InputError
+from zsclip.jobs.inputs import InputItem
+
+if TYPE_CHECKING:
+    from array import array
+
+    import torch
+
+    from zsclip.core.model import CLIP
+    from zsclip.core.transform import PreprocessConfig
+    from zsclip.jobs.cache import FileStamp, ImageCache
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Draft decoding stops at the DCT scale that keeps the short side >= DRAFT_FACTOR * S. At 1.0 (the
+# smallest scale still >= S) a 640x480 photo decodes at 320x240 and the final resize barely filters
+# it: its input moves by a cosine of 0.9985-0.997. At 1.5 every size measured stays >= 0.9996 and
+# 12-MP photos still decode at 1/8 (README, "Performance"; benchmarks/bench_draft.py).
+DRAFT_FACTOR = 1.5
+# a batch holds at most this many x batch_size entries (cached ones do not need the model)
+MAX_BATCH_SPAN = 4
+
+
+def draft_size_for(image_size: int) -> int:
+    """The draft size for a model input of image_size x image_size (see DRAFT_FACTOR)."""
+    return int(DRAFT_FACTOR * image_size + 0.5)
+
+
+@dataclass
+class Decoded:
+    path: str
+    pixels: "torch.Tensor | None" = None  # uint8 [3, S, S], waiting for the model
+    error: str | None = None
+    thumbnail: bytes | None = None  # a small JPEG for the HTML report, when asked for
+    cached: "array | None" = None  # the stored fp32 embedding: nothing to decode or encode
+    # the file version the pixels came from, to store the embedding under
+    stamp: "FileStamp | None" = None
+
+    @property
+    def readable(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    # JPEG DCT-scaled decoding down to this size; None = exact full-size decode
+    draft_size: int | None = None
+    thumbnail_size: int | None = None  # longest side of report thumbnails; None = no thumbnails
+
+    @classmethod
+    def for_model(
+        cls, image_size: int, *, exact: bool = False, thumbnail_size: int | None = None
+    ) -> DecodeOptions:
+        """Draft decoding unless `exact` (the bit-exact reference preprocessing)."""
+        return cls(None if exact else draft_size_for(image_size), thumbnail_size)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:300]
+
+
+def make_thumbnail(image, size: int) -> bytes:
+    """A JPEG of at most size x size pixels (aspect kept), for embedding in the HTML report."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.convert("RGB").save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def decode_one(
+    item: InputItem,
+    config: "PreprocessConfig",
+    options: DecodeOptions,
+    *,
+    cached: "array | None" = None,
+    stamp: "FileStamp | None" = None,
+) -> Decoded:
+    """Read one input (only its thumbnail when its embedding is `cached`). Never raises for a bad file."""
+    if item.error is not None:
+        return Decoded(item.path, error=item.error)
+    if cached is not None and not options.thumbnail_size:
+        return Decoded(item.path, cached=cached)
+    from zsclip.core.transform import load_image, to_pixels
+
+    try:
+        draft = options.thumbnail_size if cached is not None else options.draft_size
+        image = load_image(item.path, draft_size=draft, background=config.background)
+        # the exact path stays pixel-identical to the reference
+        fast = options.draft_size is not None
+        # [3, S, S] uint8
+        pixels = to_pixels(image, config, resample_crop_only=fast) if cached is None else None
+        thumbnail = (
+            make_thumbnail(image, options.thumbnail_size) if options.thumbnail_size else None
+        )
+    except InputError as err:
+        return Decoded(item.path, error=_one_line(err))
+    except MemoryError:
+        return Decoded(item.path, error="image too large to decode in memory")
+    except Exception as err:  # a decoder bug must cost one input, not the run
+        return Decoded(item.path, error=f"cannot read image: {_one_line(err)}")
+    return Decoded(item.path, pixels, thumbnail=thumbnail, cached=cached, stamp=stamp)
+
+
+class _Ready:
+    """A result computed inline, standing in a queue of futures."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def ordered_map(
+    function: Callable[[T], R],
+    items: Iterable[T],
+    workers: int,
+    window: int,
+    inline: Callable[[T], bool] | None = None,
+) -> Iterator[R]:
+    """map() over `workers` threads with at most `window` results in flight, in input order. Items for
+    which `inline(item)` is true are computed in the calling thread (cheap work is not worth a
+    hand-off)."""
+    if workers <= 0:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zsclip-decode") as pool:
+        pending: deque = deque()
+        for item in items:
+            cheap = inline is not None and inline(item)
+            pending.append(_Ready(function(item)) if cheap else pool.submit(function, item))
+            while len(pending) >= window or (pending and isinstance(pending[0], _Ready)):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _with_cache(
+    items: Sequence[InputItem],
+    cache: "ImageCache | None",
+    chunk: int = 256,
+) -> Iterator[tuple[InputItem, "array | None", "FileStamp | None"]]:
+    """(item, cached embedding or None, file stamp or None), in input order; one cache query per chunk."""
+    if cache is None:
+        for item in items:
+            yield item, None, None
+        return
+    from zsclip.jobs.cache import stamp
+
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        stamps = [stamp(item.path) if item.error is None else None for item in part]
+        found = cache.lookup(s for s in stamps if s is not None)
+        for item, file_stamp in zip(part, stamps):
+            yield item, (found.get(file_stamp.path) if file_stamp is not None else None), file_stamp
+
+
+def decoded_batches(
+    items: Sequence[InputItem],
+    config: "PreprocessConfig",
+    *,
+    batch_size: int,
+    workers: int = 0,
+    options: DecodeOptions = DecodeOptions(),
+    cache: "ImageCache | None" = None,
+) -> Iterator[list[Decoded]]:
+    """Batches holding up to `batch_size` entries for the model (plus cached and unreadable ones), in
+    order."""
+
+    def work(entry) -> Decoded:
+        item, cached, file_stamp = entry
+        return decode_one(item, config, options, cached=cached, stamp=file_stamp)
+
+    def cheap(entry) -> bool:  # nothing to read from disk
+        return entry[0].error is not None or (entry[1] is not None and not options.thumbnail_size)
+
+    decoded = ordered_map(
+        work,
+        _with_cache(items, cache),
+        workers,
+        window=max(2 * batch_size, 2 * workers),
+        inline=cheap,
+    )
+    batch: list[Decoded] = []
+    for_model = 0
+    for entry in decoded:
+        batch.append(entry)
+        for_model += entry.pixels is not None
+        if for_model == batch_size or len(batch) >= MAX_BATCH_SPAN * batch_size:
+            yield batch
+            batch, for_model = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batches(
+    model: "CLIP",
+    batches: Iterable[list[Decoded]],
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    preprocess: "PreprocessConfig",
+    cache: "ImageCache | None" = None,
+) -> Iterator[tuple[list[Decoded], "torch.Tensor"]]:
+    """(batch, features): features [n, D] unit-length fp32 on the CPU, one row per readable entry, in
+    order (cached entries included). New embeddings are stored in `cache`."""
+    lagging = device.type == "cuda"  # let the GPU run batch k+1 while batch k's features come back
+    dim = model.config.embed_dim
+    previous = None
+    for batch in batches:
+        current = (batch, _launch(model, batch, device, dtype, preprocess))
+        if previous is not None:
+            yield _finish(*previous, cache, dim)
+        if lagging:
+            previous = current
+        else:
+            yield _finish(*current, cache, dim)
+    if previous is not None:
+        yield _finish(*previous, cache, dim)
+
+
+def _launch(
+    model: "CLIP",
+    batch: list[Decoded],
+    device: "torch.device",
+    dtype: "torch.dtype",
+    preprocess: "PreprocessConfig",
+):
+    """Start the image tower on the batch's decoded entries; returns (features on the CPU, event) or
+    None."""
+    import torch
+    import torch.nn.functional as F
+
+    from zsclip.core.devices import autocast
+    from zsclip.core.transform import normalize
+
+    todo = [entry.pixels for entry in batch if entry.pixels is not None]
+    if not todo:
+        return None
+    pixels = torch.stack(todo)  # [n, 3, S, S] uint8
+    for entry in batch:
+        entry.pixels = None  # the stacked copy is all we need now
+    cuda = device.type == "cuda"
+    if cuda:
+        pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
+    with torch.inference_mode(), autocast(device, dtype):
+        images = normalize(pixels.to(device, non_blocking=cuda), preprocess)  # [n, 3, S, S] float32
+        features = F.normalize(model.encode_image(images).float(), dim=-1)  # [n, D]
+        if not cuda:
+            return features, None
+        host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+def _finish(
+    batch: list[Decoded],
+    launched,
+    cache: "ImageCache | None",
+    dim: int,
+) -> tuple[list[Decoded], "torch.Tensor"]:
+    """Wait for the batch's features, store new ones in the cache, and merge them with cached rows in
+    order."""
+    import torch
+
+    fresh = None
+    if launched is not None:
+        fresh, event = launched
+        if event is not None:
+            event.synchronize()
+    rows, computed, new_entries = [], 0, []
+    for entry in batch:
+        if not entry.readable:
+            continue
+        if entry.cached is not None:
+            rows.append(torch.tensor(entry.cached, dtype=torch.float32))
+        else:
+            rows.append(fresh[computed])
+            if entry.stamp is not None:
+                new_entries.append((entry.stamp, fresh[computed]))
+            computed += 1
+        entry.cached = None
+    if cache is not None and new_entries:
+        from zsclip.jobs.cache import vector_to_blob
+
+        cache.store(
+            [(file_stamp, vector_to_blob(vector.tolist())) for file_stamp, vector in new_entries]
+        )
+    features = torch.stack(rows) if rows else torch.zeros(0, dim)
+    return batch, features  # [n, D]
+
+
+def default_workers() -> int:
+    """Decoding threads: one per core, at most 8 (more only adds contention)."""
+    import os
+
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+    return max(1, min(8, cores))
