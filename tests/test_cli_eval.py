@@ -141,4 +141,3 @@ def test_json_figures_are_rounded(capsys):
     result = {"top1": float(torch.tensor(0.055)), "top5": float(torch.tensor(1 / 3)), "n": 200}
     _render(result, "json")
     assert json.loads(capsys.readouterr().out) == {"top1": 0.055, "top5": 0.333333, "n": 200}
-

@@ -260,7 +260,9 @@ def test_dev_stdout_writes_to_what_stdout_is(world: dict, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert rows[0] == {"earlier": True}
-    assert [row["path"] for row in rows[1:]] == world["expected"]  # jsonl: /dev/stdout has no suffix
+    assert [row["path"] for row in rows[1:]] == world[
+        "expected"
+    ]  # jsonl: /dev/stdout has no suffix
 
 
 # ------------------------------------------------------------------------------ signals and temporaries
@@ -318,7 +320,7 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_run(world: dict, tmp
     process.stderr.close()
     [left] = temporaries(tmp_path)
     assert f"-{process.pid}-" in left
-    host = zsclip.atomic._HOST
+    host = zsclip.atomic.host_tag()
     keep = [
         f".results.csv.zsclip-{host}-1-abcdefgh.tmp",  # PID 1 is alive
         ".results.csv.k2j3h4g5.tmp",  # not zsclip's pattern (an older version, another tool)

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import functools
 import os
 import re
-import socket
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -169,20 +168,21 @@ def check_output(path: str | os.PathLike, option: str = "--output") -> None:
 # ------------------------------------------------------------------------------ temporaries
 
 
-def _host_tag() -> str:
+@functools.lru_cache(maxsize=1)
+def host_tag() -> str:
     """8 hex digits for this machine and PID namespace: a PID means the same process only here."""
+    import hashlib
+    import socket
+
     namespace = ""
     with contextlib.suppress(OSError):
         namespace = str(os.stat("/proc/self/ns/pid").st_ino)
     return hashlib.sha256(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
 
 
-_HOST = _host_tag()
-
-
 def _make_temporary(folder: Path, name: str) -> tuple[int, str]:
     short = os.fsdecode(os.fsencode(name)[:_NAME_BYTES])
-    prefix = f".{short}.zsclip-{_HOST}-{os.getpid()}-"
+    prefix = f".{short}.zsclip-{host_tag()}-{os.getpid()}-"
     fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     return fd, tmp_name
 
@@ -207,7 +207,7 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[str]:
         return removed
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or match["host"] != _HOST:
+        if match is None or match["host"] != host_tag():
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or not _process_gone(pid):

@@ -32,7 +32,8 @@ Examples:
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
-Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error."""
+Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
+3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,8 @@ Examples:
 
 \b
 Embeddings are unit length (L2-normalised), float32, whatever the device and precision.
-Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error."""
+Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
+3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
