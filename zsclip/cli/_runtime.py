@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     from zsclip.core.checkpoints import LoadedModel
     from zsclip.jobs.cache import ImageCache
-    from zsclip.jobs.pipeline import DecodeOptions
 
 Row = TypeVar("Row")
 
@@ -48,29 +47,6 @@ def load_for_inference(
             quiet=quiet,
         )
     return loaded, torch_device, dtype
-
-
-def image_cache(
-    loaded: "LoadedModel",
-    decode: "DecodeOptions",
-    dtype: "torch.dtype",
-    enabled: bool,
-) -> "ImageCache | None":
-    """The image-embedding cache for this model, preprocessing and precision; None with --no-cache or
-    when the model has no file to identify it by."""
-    if not enabled:
-        return None
-    from zsclip.cli._output import warn
-    from zsclip.core.devices import precision_name
-    from zsclip.jobs.cache import ImageCache, image_variant, model_identity
-
-    model_id = model_identity(loaded.path)
-    if model_id is None:
-        return None
-    variant = image_variant(
-        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
-    )
-    return ImageCache(variant, warn=warn)
 
 
 def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:
