@@ -67,11 +67,11 @@ def prepare_torch() -> None:
     * OMP_WAIT_POLICY=PASSIVE (unless the user set it): torch's OpenMP workers sleep rather than
       spin while they wait. zsclip decodes images in threads beside the model, and spinning workers
       take the CPU those threads (and any other program) need: on the shared 2-core benchmark
-      machine ViT-B/32 ran 1.3x faster on images and 3x on prompts. OpenMP reads it once, when torch
+      machine this sped the model up on images and prompts alike (docs/performance.md). OpenMP reads it once, when torch
       loads.
-    * the garbage collector paused during the import (0.2-0.5 s of its ~2 s here), then torch's
+    * the garbage collector paused during the import (a noticeable part of it), then torch's
       objects frozen (gc.freeze) and frozen again at exit, so neither later collections nor the
-      final one at interpreter exit walk them all again (that final walk took ~0.5 s).
+      final one at interpreter exit walk them all again.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:

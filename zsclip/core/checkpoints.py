@@ -81,7 +81,7 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
     nn.init functions and in-place fills become no-ops and randn becomes empty, so construction
     allocates (lazily: untouched pages cost no memory) but computes nothing. Building on the meta
     device instead would run PyTorch's Python meta kernels for normal_/mul, whose first use imports
-    torch._dynamo: ~1.7 s of start-up.
+    torch._dynamo, which costs seconds of start-up (docs/performance.md).
     """
 
     _FILLS = frozenset({"normal_", "uniform_", "fill_", "zero_"})
