@@ -66,9 +66,8 @@ def prepare_torch() -> None:
 
     * OMP_WAIT_POLICY=PASSIVE (unless the user set it): torch's OpenMP workers sleep rather than
       spin while they wait. zsclip decodes images in threads beside the model, and spinning workers
-      take the CPU those threads (and any other program) need: on the shared 2-core benchmark
-      machine this sped the model up on images and prompts alike (docs/performance.md). OpenMP reads it once, when torch
-      loads.
+      take the CPU those threads (and any other program) need (figures: docs/performance.md).
+      OpenMP reads it once, when torch loads.
     * the garbage collector paused during the import (a noticeable part of it), then torch's
       objects frozen (gc.freeze) and frozen again at exit, so neither later collections nor the
       final one at interpreter exit walk them all again.
