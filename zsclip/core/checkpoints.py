@@ -24,9 +24,11 @@ from zsclip.core.foreign import (
     read_openai_or_openclip,
     read_torch_file,
 )
-from zsclip.core.model import CLIP, CLIPConfig, canonical_preset_name
-from zsclip.core.tokenizer import Tokenizer, tokenizer_for_checkpoint
+from zsclip.core.model import CLIP
+from zsclip.core.presets import CLIPConfig, canonical_preset_name
+from zsclip.core.tokenizer import Tokenizer
 from zsclip.core.transform import PreprocessConfig
+from zsclip.core.vocab import tokenizer_for_checkpoint
 from zsclip.errors import UserError
 from zsclip.paths import builtin_models, weights_dir
 
