@@ -208,6 +208,18 @@ def test_stdout_to_dev_full_is_one_line_and_exit_3(world: dict) -> None:
     assert "cannot write to stdout: No space left on device" in one_line(result.stderr)
 
 
+def test_any_command_whose_stdout_fails_says_so_in_one_line() -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "zsclip", "models"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert result.returncode == OUTPUT_FAILED
+    assert "cannot write to stdout" in one_line(result.stderr)
+
+
 def test_closed_stdout_is_a_usage_error(world: dict) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "zsclip", *_model_args(world)],

@@ -174,12 +174,20 @@ class _Guarded:
         return getattr(self._stream, attribute)
 
 
+def guarded(stream: IO[str], name: str) -> IO[str]:
+    """`stream` with its write failures turned into `writing`'s one line (once: wrapping twice
+    changes nothing)."""
+    if isinstance(stream, _Guarded):
+        return stream
+    return _Guarded(stream, name)  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def output_stream(path: Path | None) -> Iterator[IO[str]]:
     """--output FILE or stdout, guarded by `writing`. A regular file appears only when the run
     completes (zsclip.atomic); a device, FIFO or /dev/stdout is written through."""
     if path is None:
-        yield _Guarded(sys.stdout, "stdout")  # type: ignore[misc]
+        yield guarded(sys.stdout, "stdout")
         return
     from zsclip.atomic import OutputFile
 

@@ -84,6 +84,23 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(number, old)
 
 
+@contextlib.contextmanager
+def _guarded_stdout() -> Iterator[None]:
+    """While a command runs, a failing stdout (`> /dev/full`, a disk filling up) is one line and exit
+    status 3, and a reader that went away (`| head`) a quiet exit, whichever command wrote."""
+    original = sys.stdout
+    if original is None:  # closed: the commands that need it say so
+        yield
+        return
+    from zsclip.cli._runtime import guarded
+
+    sys.stdout = guarded(original, "stdout")
+    try:
+        yield
+    finally:
+        sys.stdout = original
+
+
 def _error(message: str) -> None:
     from zsclip.escapes import for_display
 
@@ -105,8 +122,9 @@ def main() -> None:
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
-        with _signals_interrupt():
+        with _signals_interrupt(), _guarded_stdout():
             code = app(standalone_mode=False)
+            sys.stdout.flush()
     except UserError as err:
         if debug:
             raise
