@@ -4,6 +4,7 @@ Python.
     import zsclip
     model, preprocess = zsclip.load("ViT-B/32")           # or a path, or the built-in model: zsclip.load()
     tokens = zsclip.tokenize(["a photo of a corgi."], model)
+    hits = zsclip.search("photos/", "a dog on the beach")  # best first; zsclip.duplicates("photos/")
 
 Heavy modules (torch, PIL) are imported on first use, so `import zsclip` is cheap.
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from zsclip.version import __version__
 
-__all__ = ["load", "tokenize", "available_models", "__version__"]
+__all__ = ["load", "tokenize", "available_models", "search", "duplicates", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("load", "tokenize", "available_models"):
+    if name in ("load", "tokenize", "available_models", "search", "duplicates"):
         from zsclip import api
 
         return getattr(api, name)

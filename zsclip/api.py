@@ -4,6 +4,9 @@ model, preprocess = zsclip.load("ViT-B/32")   # a name, a path in any supported 
 (built-in) image = preprocess(PIL.Image.open("corgi.jpg")).unsqueeze(0) text = zsclip.tokenize(["a
 photo of a corgi.", "a photo of a cat."], model) logits_per_image, logits_per_text = model(image,
 text)
+
+hits = zsclip.search("photos/", "a dog on the beach")   # ranked Hit(path, score), best first
+groups = zsclip.duplicates("photos/")                  # Group(paths, min_score, identical)
 """
 
 from __future__ import annotations
@@ -76,3 +79,107 @@ def available_models() -> list[str]:
     except ImportError:
         return names
     return names + list(hub.known_names())
+
+
+# ------------------------------------------------------------------------------ search, duplicates
+
+
+def _inputs(inputs) -> list:
+    """Files and folders (one path or several) -> InputItems, as the CLI expands them."""
+    from zsclip.jobs.inputs import expand_inputs
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return expand_inputs([os.fspath(path) for path in inputs])
+
+
+def _listed(value) -> list:
+    """One value or several -> a list (a string is one value, not its characters)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _model(model, device):
+    """A LoadedModel from `model` (a name, a path, None for the default, or one from load_full)
+    and the torch device and dtype to run it with."""
+    from zsclip.core.devices import resolve_device
+
+    if isinstance(model, LoadedModel):
+        return model, next(model.model.parameters()).device, torch.float32
+    torch_device = resolve_device(str(device) if device is not None else "auto")
+    return load_model(model, device=torch_device), torch_device, torch.float32
+
+
+def search(
+    inputs,
+    text: str | list[str] | None = None,
+    *,
+    image: str | os.PathLike | list | None = None,
+    negative: str | list[str] | None = None,
+    top_k: int | None = 20,
+    min_score: float | None = None,
+    model=None,
+    device: str | torch.device | None = None,
+    cache: bool = True,
+    index: str = "auto",
+) -> list:
+    """Images under `inputs` (files, folders) ranked by cosine similarity to the query, best first:
+    a list of `zsclip.jobs.search.Hit` (path, score); unreadable images follow with `error` set.
+
+        zsclip.search("photos/", "a dog on the beach at sunset", top_k=10)
+        zsclip.search("photos/", image="photos/corgi.jpg", min_score=0.8, top_k=None)
+
+    `model` is a name, a path, None (the default model) or a LoadedModel from `load_full` (loaded
+    once for many searches). The image cache makes a second search over the same folder cost only
+    the query."""
+    from zsclip.jobs import search as job
+    from zsclip.jobs.pipeline import DecodeOptions
+
+    query = job.Query(
+        tuple(_listed(text)), tuple(os.fspath(p) for p in _listed(image)), tuple(_listed(negative))
+    )
+    query.check()
+    loaded, torch_device, dtype = _model(model, device)
+    request = job.SearchRequest(
+        query=query,
+        items=_inputs(inputs),
+        limit=job.Limit(top_k, min_score),
+        decode=DecodeOptions.for_model(loaded.preprocess.image_size),
+        use_cache=cache,
+        index=index,
+    )
+    run = job.start(loaded, request, device=torch_device, dtype=dtype)
+    if run.cache is not None:
+        run.cache.close()
+    return run.hits
+
+
+def duplicates(
+    inputs,
+    threshold: float | None = None,
+    *,
+    model=None,
+    device: str | torch.device | None = None,
+    cache: bool = True,
+    index: str = "auto",
+) -> list:
+    """Groups of near-duplicate and byte-identical images under `inputs`: a list of
+    `zsclip.jobs.duplicates.Group` (paths in input order, min_score, identical). `threshold`
+    defaults to the model's own, else the generic one (docs/search.md). Unreadable images are
+    skipped here; the CLI reports them."""
+    from zsclip.jobs import duplicates as job
+    from zsclip.jobs.pipeline import DecodeOptions
+
+    loaded, torch_device, dtype = _model(model, device)
+    request = job.DuplicatesRequest(
+        items=_inputs(inputs),
+        threshold=job.default_threshold(loaded.metadata) if threshold is None else threshold,
+        decode=DecodeOptions.for_model(loaded.preprocess.image_size),
+        use_cache=cache,
+        index=index,
+    )
+    run = job.start(loaded, request, device=torch_device, dtype=dtype)
+    if run.cache is not None:
+        run.cache.close()
+    return run.groups

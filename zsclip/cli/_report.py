@@ -148,3 +148,86 @@ def thumbnail_for(path: str, size: int = THUMBNAIL_SIZE) -> bytes | None:
         return make_thumbnail(load_image(path, draft_size=size), size)
     except (InputError, OSError):
         return None
+
+
+# ------------------------------------------------------------------------------ search and duplicates
+
+
+def _picture(thumbnail: bytes | None, alt: str) -> str:
+    if not thumbnail:
+        return '<div class="nopreview">no preview</div>'
+    data = base64.b64encode(thumbnail).decode("ascii")
+    return f'<img src="data:image/jpeg;base64,{data}" alt="{alt}">'
+
+
+def _page(title: str, meta: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width"><title>{html.escape(title)}</title>'
+        f'<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1><p class="meta">{meta}</p>\n'
+        f"{body}</body></html>\n"
+    )
+
+
+def render_search_report(hits: Sequence, *, query: str, model_name: str) -> str:
+    """`search --report`: the ranked images as cards (thumbnail, path, cosine and its bar), then
+    the inputs that could not be read."""
+    cards = []
+    for rank, hit in enumerate(hits, start=1):
+        path = _shown(hit.path)
+        if hit.error is not None:
+            body = f'<div class="error">{_shown(hit.error)}</div>'
+        else:
+            body = (
+                f'<div class="row first"><span>#{rank}</span><span class="score">{hit.score:.3f}'
+                f"</span>{_bar(hit.score)}</div>"
+            )
+        cards.append(
+            f'<div class="card">{_picture(hit.thumbnail, path)}<div class="path">{path}</div>'
+            f"{body}</div>"
+        )
+    found = sum(hit.error is None for hit in hits)
+    meta = f"{found} images for {_shown(query)}, best first; model {_shown(model_name)}; scores are cosines"
+    return _page("zsclip search", meta, f'<div class="grid">\n{chr(10).join(cards)}\n</div>')
+
+
+def render_duplicates_report(
+    groups: Sequence,
+    errors: Sequence[tuple[str, str]],
+    thumbnails: dict,
+    *,
+    model_name: str,
+    threshold: float,
+) -> str:
+    """`duplicates --report`: one row of thumbnails per group, byte-identical copies marked."""
+    sections = []
+    for number, group in enumerate(groups, start=1):
+        same = {p: n for n, paths in enumerate(group.identical, start=1) for p in paths}
+        cards = []
+        for path in group.paths:
+            mark = (
+                f'<div class="none">identical copy (set {same[path]})</div>' if path in same else ""
+            )
+            cards.append(
+                f'<div class="card">{_picture(thumbnails.get(path), _shown(path))}'
+                f'<div class="path">{_shown(path)}</div>{mark}</div>'
+            )
+        sections.append(
+            f"<h2>Group {number}: {len(group.paths)} images, lowest cosine {group.min_score:.3f}</h2>"
+            f'<div class="grid">{"".join(cards)}</div>'
+        )
+    if errors:
+        rows = "".join(
+            f'<tr><td>{_shown(p)}</td><td class="error">{_shown(r)}</td></tr>' for p, r in errors
+        )
+        sections.append(f'<h2>Could not be read</h2><table class="summary">{rows}</table>')
+    meta = f"{len(groups)} groups at cosine >= {threshold:g}; model {_shown(model_name)}"
+    return _page("zsclip duplicates", meta, "\n".join(sections) or "<p>No duplicates.</p>")
+
+
+def write_page(path: Path, page: str) -> None:
+    """Write a rendered page atomically (a failure to write is one line, exit 3)."""
+    from zsclip.cli._runtime import writing
+
+    with writing(str(path)):
+        atomic_write_text(path, page)

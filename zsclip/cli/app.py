@@ -18,7 +18,17 @@ from typing import Iterator
 
 import typer
 
-from zsclip.cli import classify, convert, embed, evaluate, models, shapes, train
+from zsclip.cli import (
+    classify,
+    convert,
+    duplicates,
+    embed,
+    evaluate,
+    models,
+    search,
+    shapes,
+    train,
+)
 from zsclip.errors import UserError
 
 app = typer.Typer(
@@ -36,7 +46,7 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, shapes, models, convert):
+for _command in (classify, search, duplicates, embed, train, evaluate, shapes, models, convert):
     _command.register(app)
 
 

@@ -60,7 +60,7 @@ class Decoded:
     error: str | None = None
     thumbnail: bytes | None = None  # a small JPEG for the HTML report, when asked for
     cached: "array | None" = None  # the stored fp32 embedding: nothing to decode or encode
-    # the file version the pixels came from, to store the embedding under
+    # the file version the pixels (or the cached embedding) came from: the cache and index key
     stamp: "FileStamp | None" = None
 
     @property
@@ -108,7 +108,7 @@ def decode_one(
     if item.error is not None:
         return Decoded(item.path, error=item.error)
     if cached is not None and not options.thumbnail_size:
-        return Decoded(item.path, cached=cached)
+        return Decoded(item.path, cached=cached, stamp=stamp)
     from zsclip.core.transform import load_image, to_pixels
 
     try:
