@@ -210,20 +210,24 @@ def row_block_pairs(
 def index_pairs(vindex, paths: Sequence[str], threshold: float) -> Iterator[tuple[int, int]]:
     """Pairs (i, j) of rows (`paths`: absolute paths the index holds) among each one's nearest
     neighbours in the graph with cosine >= threshold."""
-    row_of = {path: row for row, path in enumerate(paths)}
+    import numpy as np
+
+    row_of_key = {vindex.key_of(path): row for row, path in enumerate(paths)}
     budget = _EdgeBudget(len(paths), threshold)
     share = len(vindex) / max(1, len(paths))  # the index may hold other folders' images too
     count = min(len(vindex), int(NEIGHBOURS * share) + 1)
     for start in range(0, len(paths), BLOCK):
         keys = [vindex.key_of(path) for path in paths[start : start + BLOCK]]
-        for offset, neighbours in enumerate(
-            vindex.search(vindex.vectors(keys), count, expansion=64)
-        ):
-            row = start + offset
-            close = [row_of.get(n.path) for n in neighbours if n.score >= threshold]
-            pairs = [(row, other) for other in close if other is not None and other != row]
-            budget.spend(len(pairs))
-            yield from pairs
+        found, scores, counts = vindex.neighbours(vindex.vectors(keys), count, expansion=64)
+        valid = np.arange(found.shape[1])[None, :] < counts[:, None]
+        rows, columns = np.nonzero(valid & (scores >= threshold))  # few: duplicates are rare
+        pairs = []
+        for row, key in zip((rows + start).tolist(), found[rows, columns].tolist()):
+            other = row_of_key.get(key)
+            if other is not None and other != row:
+                pairs.append((row, other))
+        budget.spend(len(pairs))
+        yield from pairs
 
 
 def min_pairwise(vectors: "torch.Tensor") -> float:

@@ -287,22 +287,33 @@ class VectorIndex:
     def search(self, queries, count: int, *, expansion: int = EXPANSION_SEARCH):
         """For queries [Q, D] (unit, numpy or torch): per query, up to `count` (path, cosine)
         pairs, best first."""
+        keys, scores, counts = self.neighbours(queries, count, expansion=expansion)
+        results = []
+        for row in range(len(counts)):
+            found = []
+            for key, score in zip(
+                keys[row][: counts[row]].tolist(), scores[row][: counts[row]].tolist()
+            ):
+                path = self._paths_by_key.get(key)
+                if path is not None:
+                    found.append(Neighbour(path, score))
+            results.append(found)
+        return results
+
+    def neighbours(self, queries, count: int, *, expansion: int = EXPANSION_SEARCH):
+        """numpy arrays for queries [Q, D]: keys [Q, count], cosines [Q, count] and the number of
+        valid columns per row [Q] (fewer when the index holds fewer vectors)."""
+        import numpy as np
+
         self._graph.expansion_search = max(expansion, count)
         queries = _as_array(queries).reshape(-1, self.dim)  # [Q, D]
         matches = self._graph.search(queries, count)
         if hasattr(matches, "counts"):  # several queries: BatchMatches
             keys, distances, counts = matches.keys, matches.distances, matches.counts
         else:  # one query: Matches, holding only the valid rows
-            keys, distances, counts = [matches.keys], [matches.distances], [len(matches.keys)]
-        results = []
-        for row in range(len(counts)):
-            found = []
-            for key, distance in zip(keys[row][: counts[row]], distances[row][: counts[row]]):
-                path = self._paths_by_key.get(int(key))
-                if path is not None:
-                    found.append(Neighbour(path, 1.0 - float(distance)))  # ip distance = 1 - dot
-            results.append(found)
-        return results
+            keys, distances = matches.keys[None], matches.distances[None]
+            counts = np.array([len(matches.keys)])
+        return keys.astype(np.int64), 1.0 - distances, counts  # ip distance = 1 - dot
 
     # ------------------------------------------------------------------------------ saving
 
