@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from zsclip.errors import UserError
+from zsclip.jobs.classify import prediction_record
 from zsclip.jobs.embedding_files import embedding_line
 
 if TYPE_CHECKING:
@@ -50,22 +51,6 @@ def choose_format(requested: str | None, output: Path | None, stdout_tty: bool) 
 
 # -----------------------------------------------------------------------------------------------
 # predictions
-
-
-def _score(value: float) -> float:
-    return round(float(value), 6)
-
-
-def prediction_record(prediction: "Prediction") -> dict[str, Any]:
-    """The jsonl contract: path, label, score, top -- or path, error."""
-    if prediction.error is not None:
-        return {"path": prediction.path, "error": prediction.error}
-    return {
-        "path": prediction.path,
-        "label": prediction.label,
-        "score": None if prediction.score is None else _score(prediction.score),
-        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
-    }
 
 
 class JsonlPredictions:

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from zsclip.cli import classify, convert, embed, evaluate, models, shapes, train
+from zsclip.cli import classify, convert, embed, evaluate, models, serve, shapes, train
 from zsclip.errors import UserError
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, shapes, models, convert):
+for _command in (classify, embed, train, evaluate, shapes, models, convert, serve):
     _command.register(app)
 
 

@@ -38,11 +38,10 @@ about a quarter of the resizing of a 4:3 photo (on photos, 1 level in ~1e-4 of t
 
 from __future__ import annotations
 
-import errno
+import io
 import json
 import os
 import re
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -50,6 +49,7 @@ from typing import Any, Union
 import torch
 from PIL import Image, JpegImagePlugin
 
+from zsclip.core.imagefile import check_file as _check_file
 from zsclip.errors import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -212,27 +212,18 @@ def load_image(
         raise InputError("is a directory, not an image file") from None
 
 
-def _check_file(path: Path) -> None:
-    """Refuse what is not a non-empty regular file, with a reason a person understands."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        reason = (
-            "dangling symlink (its target does not exist)" if path.is_symlink() else "no such file"
-        )
-        raise InputError(reason) from None
-    except PermissionError:
-        raise InputError("permission denied") from None
-    except OSError as exc:  # ELOOP, ENAMETOOLONG, EIO, ...
-        if exc.errno == errno.ELOOP:
-            raise InputError("symlink loop (the links point back at each other)") from None
-        raise InputError(f"cannot access file: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError("is a directory, not an image file")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError("not a regular file (device, socket or pipe)")
-    if info.st_size == 0:
+def load_image_bytes(
+    data: bytes,
+    *,
+    draft_size: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """`load_image` for an image already in memory (an upload): the same decoding, checks and
+    one-line reasons."""
+    if not data:
         raise InputError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), draft_size, background, max_pixels)
 
 
 def _decode(

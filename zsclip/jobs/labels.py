@@ -118,6 +118,20 @@ def available_template_sets() -> list[str]:
     return sorted(path.stem for path in folder.glob("*.txt")) if folder.is_dir() else []
 
 
+def named_template_set(name: str | None, *, model_default: str | None = None) -> TemplateSet:
+    """A set from prompts/ only, by name (None: the model's own set, else the default): never a file
+    path, for callers that must not read files a remote user names (`zsclip serve`)."""
+    names = available_template_sets()
+    if name is None:
+        name = model_default if model_default in names else DEFAULT_TEMPLATE_SET
+    if name not in names:
+        choices = ", ".join(names) or "none installed"
+        raise UserError(
+            f"unknown template set {name!r}: send a list of templates or one of: {choices}"
+        )
+    return parse_templates(_read_text(prompts_dir() / f"{name}.txt", "template set"), name)
+
+
 def load_templates(spec: str | Path | None, *, model_default: str | None = None) -> TemplateSet:
     """A template set by name (prompts/<name>.txt) or by file path.
 

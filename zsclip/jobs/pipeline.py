@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from array import array
 
     import torch
+    from PIL import Image
 
     from zsclip.core.model import CLIP
     from zsclip.core.transform import PreprocessConfig
@@ -109,11 +110,43 @@ def decode_one(
         return Decoded(item.path, error=item.error)
     if cached is not None and not options.thumbnail_size:
         return Decoded(item.path, cached=cached)
-    from zsclip.core.transform import load_image, to_pixels
+    from zsclip.core.transform import load_image
+
+    def load(draft: int | None):
+        return load_image(item.path, draft_size=draft, background=config.background)
+
+    return _decode_with(item.path, load, config, options, cached=cached, stamp=stamp)
+
+
+def decode_bytes(
+    name: str, data: bytes, config: "PreprocessConfig", options: DecodeOptions, max_pixels: int
+) -> Decoded:
+    """`decode_one` for an image already in memory (an upload to `zsclip serve`): the same decoding,
+    bomb checks and one-line reasons. Never raises for bad bytes."""
+    from zsclip.core.transform import load_image_bytes
+
+    def load(draft: int | None):
+        return load_image_bytes(
+            data, draft_size=draft, background=config.background, max_pixels=max_pixels
+        )
+
+    return _decode_with(name, load, config, options)
+
+
+def _decode_with(
+    path: str,
+    load: Callable[[int | None], "Image.Image"],
+    config: "PreprocessConfig",
+    options: DecodeOptions,
+    *,
+    cached: "array | None" = None,
+    stamp: "FileStamp | None" = None,
+) -> Decoded:
+    """Decode with `load(draft_size)`, then make the model's pixels (unless cached) and the thumbnail."""
+    from zsclip.core.transform import to_pixels
 
     try:
-        draft = options.thumbnail_size if cached is not None else options.draft_size
-        image = load_image(item.path, draft_size=draft, background=config.background)
+        image = load(options.thumbnail_size if cached is not None else options.draft_size)
         # the exact path stays pixel-identical to the reference
         fast = options.draft_size is not None
         # [3, S, S] uint8
@@ -122,12 +155,12 @@ def decode_one(
             make_thumbnail(image, options.thumbnail_size) if options.thumbnail_size else None
         )
     except InputError as err:
-        return Decoded(item.path, error=_one_line(err))
+        return Decoded(path, error=_one_line(err))
     except MemoryError:
-        return Decoded(item.path, error="image too large to decode in memory")
+        return Decoded(path, error="image too large to decode in memory")
     except Exception as err:  # a decoder bug must cost one input, not the run
-        return Decoded(item.path, error=f"cannot read image: {_one_line(err)}")
-    return Decoded(item.path, pixels, thumbnail=thumbnail, cached=cached, stamp=stamp)
+        return Decoded(path, error=f"cannot read image: {_one_line(err)}")
+    return Decoded(path, pixels, thumbnail=thumbnail, cached=cached, stamp=stamp)
 
 
 class _Ready:
