@@ -199,15 +199,26 @@ def test_classify_base64_with_a_bad_image_fails_only_its_row(plain: Served) -> N
     assert circle["path"] == "image-2" and circle["label"] == "blue circle"
 
 
-def test_classify_multipart_options(plain: Served) -> None:
-    from zsclip.cli._remote import _multipart
+def _form(fields: list[tuple[str, str]], images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """multipart/form-data as `curl -F` writes it: one part per field, then the files."""
+    parts = [
+        f'--B0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields
+    ]
+    for name, data in images:
+        head = f'--B0undary\r\nContent-Disposition: form-data; name="images"; filename="{name}"'
+        parts.append(f"{head}\r\nContent-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + b"--B0undary--\r\n", "multipart/form-data; boundary=B0undary"
 
+
+def test_classify_multipart_options(plain: Served) -> None:
     fields = [("labels", "red heart"), ("labels", "blue circle"), ("labels", "green star")]
     fields += [("top_k", "2"), ("min_score", "0.9999999")]
-    body, kind = _multipart(fields, [_image("red-heart.png")])
+    body, kind = _form(fields, [("shapes/heart.png", _image("red-heart.png"))])
     status, _, answer = plain.request("POST", "/v1/classify", body, {"Content-Type": kind})
     assert status == 200
     (row,) = answer["rows"]
+    assert row["path"] == "shapes/heart.png"  # the file name, as sent
     assert len(row["top"]) == 2  # top_k
     assert row["label"] is None and row["score"] is None  # below min_score: none of these
     assert row["top"][0]["label"] == "red heart"

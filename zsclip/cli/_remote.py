@@ -166,28 +166,28 @@ def classify_remote(
     return RemoteRun(predictions, len(items), str(health.get("model", url)))
 
 
-def _fields(request: RemoteClassify) -> list[tuple[str, str]]:
-    """The form fields of every request: the labels, templates and options."""
-    fields = [("labels", label) for label in request.labels]
+def _fields(request: RemoteClassify) -> dict:
+    """The fields of every request, sent as one JSON part: the labels, templates and options."""
+    fields: dict = {"labels": request.labels}
     spec = request.templates
     if spec is not None and Path(spec).is_file():  # a file here: the server gets its templates
         from zsclip.jobs.labels import load_templates
 
-        fields += [("templates", template) for template in load_templates(spec).templates]
+        fields["templates"] = list(load_templates(spec).templates)
     elif spec is not None:
-        fields.append(("templates", spec))
-    fields += [("top_k", str(request.top_k)), ("multi_label", str(request.multi_label).lower())]
+        fields["templates"] = spec
+    fields.update(top_k=request.top_k, multi_label=request.multi_label)
     if request.threshold is not None:
-        fields.append(("threshold", repr(request.threshold)))
+        fields["threshold"] = request.threshold
     if request.exact_preprocess:
-        fields.append(("exact_preprocess", "true"))
+        fields["exact_preprocess"] = True
     return fields
 
 
 def _predict(
     server: Server,
     items: Sequence[InputItem],
-    fields: list[tuple[str, str]],
+    fields: dict,
     most: int,
     limits: dict,
     warn: Callable[[str], None],
@@ -196,7 +196,7 @@ def _predict(
     as each answer comes."""
     from zsclip.core.imagefile import read_image_bytes
 
-    budget = int(limits.get("max_upload_bytes", 32 * 2**20)) - _fields_size(fields) - 1024
+    budget = int(limits.get("max_upload_bytes", 32 * 2**20)) - len(_json(fields)) - 1024
     warned: set[str] = set()
     slots: list[Prediction | tuple[str, bytes]] = []  # local error rows, or (path, bytes) to send
     uploads, size = 0, 0
@@ -249,20 +249,20 @@ def _prediction(path: str, row: dict) -> Prediction:
     return Prediction(path, top, unsure=bool(top) and row.get("label") is None)
 
 
-def _fields_size(fields: list[tuple[str, str]]) -> int:
-    return sum(len(name) + len(value.encode("utf-8")) + PART_OVERHEAD for name, value in fields)
+def _json(fields: dict) -> bytes:
+    return json.dumps(fields, ensure_ascii=False).encode("utf-8")
 
 
-def _multipart(fields: list[tuple[str, str]], images: list[bytes]) -> tuple[bytes, str]:
-    """A multipart/form-data body: the fields, then the images as parts named image-N."""
+def _multipart(fields: dict, images: list[bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body: the fields as one JSON part `request`, then the images as
+    parts named image-N."""
     boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for name, value in fields:
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + value.encode("utf-8")
-            + b"\r\n"
-        )
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n'
+        "Content-Type: application/json\r\n\r\n".encode()
+        + _json(fields)
+        + b"\r\n"
+    ]
     for index, data in enumerate(images):
         head = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '

@@ -61,9 +61,10 @@ def serve(
             "--batch-wait-ms",
             min=0.0,
             max=1000.0,
-            help="How long a lone image waits for others to share its batch.",
+            help="The longest an image waits for images on their way (being decoded) to share "
+            "its forward pass; a lone request never waits.",
         ),
-    ] = 5.0,
+    ] = 50.0,
     queue_size: Annotated[
         int,
         typer.Option(
@@ -156,10 +157,10 @@ def serve(
     )
     engine = Engine(loaded, torch_device, dtype, limits=limits, batching=batching, use_cache=cache)
     app = create_app(engine, token=token)
+    # The one line --quiet keeps: where the server listens (the port chosen, with --port 0).
     note(
         f"zsclip: serving {loaded.name} on {listener.url} (POST /v1/classify, /v1/embed; "
-        f"GET /v1/health, /v1/models, /v1/openapi.json){'; token required' if token else ''}",
-        quiet=quiet,
+        f"GET /v1/health, /v1/models, /v1/openapi.json){'; token required' if token else ''}"
     )
 
     def stopping(signum: int) -> None:

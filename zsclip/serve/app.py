@@ -92,7 +92,8 @@ def _routes(app: FastAPI, engine: Engine) -> None:
         openapi_extra=_request_body("ClassifyBody"),
     )
     async def classify(request: Request) -> Response:
-        body, uploads = await _read(request, ClassifyBody, engine)
+        with engine.arrival():
+            body, uploads = await _read(request, ClassifyBody, engine)
         params = ClassifyParams(
             labels=body.labels,
             templates=body.templates,
@@ -114,7 +115,8 @@ def _routes(app: FastAPI, engine: Engine) -> None:
         openapi_extra=_request_body("EmbedBody"),
     )
     async def embed(request: Request) -> Response:
-        body, uploads = await _read(request, EmbedBody, engine)
+        with engine.arrival():
+            body, uploads = await _read(request, EmbedBody, engine)
         lines = await engine.embed(uploads, body.texts, body.exact_preprocess)
         # The rows are the CLI's own jsonl lines, so their numbers are written exactly as it does.
         model = json.dumps(engine.loaded.name, ensure_ascii=False)
@@ -166,6 +168,9 @@ def _form_fields(form) -> tuple[dict[str, Any], list]:
     files = []
     for key in dict.fromkeys(form.keys()):
         values = form.getlist(key)
+        if key == "request":  # every other field at once, as a JSON object (cheaper to parse)
+            data.update(_request_field(values))
+            continue
         if key == "images":
             if not all(isinstance(value, UploadFile) for value in values):
                 raise RequestError(422, "invalid_request", "images: send each image as a file part")
@@ -182,6 +187,20 @@ def _form_fields(form) -> tuple[dict[str, Any], list]:
         else:
             data[key] = values[0]
     return data, files
+
+
+def _request_field(values: list) -> dict[str, Any]:
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise RequestError(422, "invalid_request", "request: send one JSON text field")
+    try:
+        fields = json.loads(values[0])
+    except ValueError as err:
+        raise RequestError(400, "malformed_json", f"request: not valid JSON: {err}") from None
+    if not isinstance(fields, dict) or "images" in fields:
+        raise RequestError(
+            422, "invalid_request", "request: a JSON object of the fields other than images"
+        )
+    return fields
 
 
 def _validated(schema: type[BaseModel], data: Any) -> Any:
@@ -360,16 +379,29 @@ class Guard:
         return counted_receive
 
     async def _within_time(self, scope: "Scope", receive: "Receive", send: "Send") -> None:
-        started = False
+        """Run the app; past the deadline cancel it and answer 408 (if it has not answered yet).
+        A timer on this task rather than asyncio.wait_for: no second task per request."""
+        started = expired = False
+        task = asyncio.current_task()
 
         async def watched_send(message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)
         try:
-            await asyncio.wait_for(self.app(scope, receive, watched_send), self.timeout_s)
-        except asyncio.TimeoutError:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # the server is stopping or the client went away
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled here
+                task.uncancel()
             if not started:
                 await _send_error(
                     send,
@@ -378,6 +410,8 @@ class Guard:
                     f"the request took longer than {self.timeout_s:g} s (the server's "
                     "--request-timeout); send fewer images or labels at once",
                 )
+        finally:
+            timer.cancel()
 
 
 def _too_large_message(size: int | None, limit: int) -> str:

@@ -58,7 +58,7 @@ class Batching:
     """How requests share the model."""
 
     max_batch: int = 32  # images per forward pass
-    wait_ms: float = 5.0  # how long a lone image waits for company
+    wait_ms: float = 50.0  # the longest an image waits for others on their way (see batcher)
     queue_size: int = 256  # images and texts admitted at once (waiting, decoding or in the model)
     workers: int = 0  # decoding threads; 0: one per core, at most 8
     classifiers_in_memory: int = 32  # label sets kept ready (beyond them: the on-disk cache)
@@ -135,11 +135,17 @@ class Engine:
         workers = batching.workers or default_workers()
         self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="zsclip-decode")
         self._text = ThreadPoolExecutor(1, thread_name_prefix="zsclip-text")
+        self.arriving = 0  # requests whose body is being read (see `arrival`)
+        self.decoding = 0  # images of admitted requests not yet handed to the batcher
         self.batcher = Batcher(
-            self._encode, max_batch=batching.max_batch, wait_s=batching.wait_ms / 1000
+            self._encode,
+            max_batch=batching.max_batch,
+            wait_s=batching.wait_ms / 1000,
+            coming=lambda: self.arriving + self.decoding,
         )
         self._classifiers: OrderedDict = OrderedDict()  # key -> (weights [D, C], warnings)
         self._building: dict = {}  # key -> asyncio.Future of the same, while it is built
+        self._template_sets: dict = {}  # name (None: the model's) -> TemplateSet
 
     def start(self) -> None:
         self.batcher.start()
@@ -164,6 +170,15 @@ class Engine:
             yield
         finally:
             self.admitted -= count
+
+    @contextlib.contextmanager
+    def arrival(self) -> Iterator[None]:
+        """Around reading a request's body: its images count as on their way to the model."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     # -- the work -----------------------------------------------------------------------------
 
@@ -217,7 +232,8 @@ class Engine:
         return lines
 
     async def _decode_all(self, uploads: Sequence[Upload], exact: bool) -> list["Decoded"]:
-        """Decode every upload in the decoding threads; a bad one becomes an error entry."""
+        """Decode every upload in the decoding threads; a bad one becomes an error entry. Until
+        `_features` hands them on, the images count as on their way to the model."""
         from zsclip.jobs.pipeline import DecodeOptions, decode_bytes
 
         preprocess = self.loaded.preprocess
@@ -235,16 +251,23 @@ class Engine:
             )
             for upload in uploads
         ]
-        return list(await asyncio.gather(*pending))
+        self.decoding += len(uploads)
+        try:
+            return list(await asyncio.gather(*pending))
+        except BaseException:
+            self.decoding -= len(uploads)
+            raise
 
     async def _features(self, decoded: Sequence["Decoded"]) -> "torch.Tensor":
         """Unit features [n, D] of the readable entries, through the shared model thread."""
         import torch
 
         readable = [entry for entry in decoded if entry.pixels is not None]
-        if not readable:
+        future = self.batcher.submit(readable) if readable else None
+        self.decoding -= len(decoded)  # handed on (or nothing to hand on)
+        if future is None:
             return torch.zeros(0, self.loaded.model.config.embed_dim)
-        return await asyncio.wrap_future(self.batcher.submit(readable))
+        return await asyncio.wrap_future(future)
 
     def _encode(self, entries: list["Decoded"]) -> "torch.Tensor":
         """The model thread's work: the CLI's batch encoder on one batch (looked up at call time)."""
@@ -345,10 +368,13 @@ class Engine:
         from zsclip.jobs.labels import TemplateSet, named_template_set
 
         if spec is None or isinstance(spec, str):
-            try:
-                return named_template_set(spec, model_default=self.loaded.metadata.get("templates"))
-            except UserError as err:
-                raise RequestError(422, "unknown_templates", str(err)) from None
+            if spec not in self._template_sets:  # read once: the sets in prompts/ do not change
+                default = self.loaded.metadata.get("templates")
+                try:
+                    self._template_sets[spec] = named_template_set(spec, model_default=default)
+                except UserError as err:
+                    raise RequestError(422, "unknown_templates", str(err)) from None
+            return self._template_sets[spec]
         self._check_texts(spec, "templates", self.limits.max_templates)
         templates = [template.strip() for template in spec]
         for template in templates:

@@ -23,7 +23,8 @@ class ImageData(BaseModel):
 
 class ClassifyBody(BaseModel):
     """POST /v1/classify as JSON. As multipart/form-data: `images` file parts (the file name is
-    echoed as the row's path), `labels` once per label, and the other fields as form fields."""
+    echoed as the row's path), then either `labels` once per label and the other fields as form
+    fields, or one field `request` holding the other fields as a JSON object."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -61,7 +62,8 @@ class ClassifyBody(BaseModel):
 
 
 class EmbedBody(BaseModel):
-    """POST /v1/embed as JSON. As multipart/form-data: `images` file parts and `texts` fields."""
+    """POST /v1/embed as JSON. As multipart/form-data: `images` file parts, and `texts` fields or
+    one field `request` holding the other fields as a JSON object."""
 
     model_config = ConfigDict(extra="forbid")
 
