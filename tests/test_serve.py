@@ -285,7 +285,7 @@ def test_classify_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
     result = run_cli(
         ["classify", str(EXAMPLES / "red-heart.png"), "--labels", "a,b", "--server", url]
     )
-    assert result.code == 3
+    assert result.code == 4
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert f"no zsclip server answers at {url}" in result.stderr

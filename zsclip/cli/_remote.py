@@ -9,7 +9,7 @@ as locally (zsclip.core.imagefile), without a trip to the server.
 
 Images go in requests of at most the server's --max-images and --max-upload-mb (it says so in
 /v1/health). A full queue (503) is retried after the Retry-After it names, a few times; a server
-that is not there is one line and exit status 3.
+that is not there is one line and exit status 4.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from zsclip.errors import InputError, UserError
 from zsclip.jobs.classify import Prediction
 from zsclip.jobs.inputs import InputItem
 
-UNREACHABLE_EXIT = 3  # the server is not there (or went away): a script may fall back to local
+UNREACHABLE_EXIT = 4  # the server is not there (or went away): a script may fall back to local
 RETRIES = 8  # attempts after a 503 (queue full) before giving up
 PART_OVERHEAD = 256  # bytes of multipart headers around each image, generously
 

@@ -19,8 +19,9 @@ Examples:
 \b
 Listens on loopback unless --host says otherwise; any other address needs a token (--token or
 ZSCLIP_TOKEN, at least 16 characters), which every request must then send as
-Authorization: Bearer TOKEN. SIGTERM or Ctrl-C: stop taking connections, finish the requests in
-flight, exit 0 (130 after Ctrl-C). Endpoints and limits: docs/serving.md."""
+Authorization: Bearer TOKEN. SIGTERM, SIGHUP or Ctrl-C: stop taking connections, finish the requests
+in flight, exit 0 after SIGTERM (129 after SIGHUP, 130 after Ctrl-C). Endpoints and limits:
+docs/serving.md."""
 
 MIN_TOKEN_CHARS = 16
 EXTRA = "pip install 'zsclip[serve]'"
@@ -174,13 +175,13 @@ def serve(
     stopped_by = run_server(app, listener, options, on_stop=stopping)
     note("zsclip: stopped", quiet=quiet)
     if stopped_by is not None and stopped_by != _sigterm():
-        raise SystemExit(130)  # Ctrl-C, as for any interrupted command
+        raise SystemExit(128 + stopped_by)  # Ctrl-C 130, SIGHUP 129, as for other commands
 
 
 def _sigterm() -> int:
     import signal
 
-    return signal.SIGTERM
+    return signal.SIGTERM  # the way services are stopped: the drained server exits 0
 
 
 def _require_extra() -> None:

@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from zsclip.escapes import json_text
 from zsclip.serve.engine import ClassifyParams, Engine, RequestError, Upload
 from zsclip.serve.schemas import (
     ClassifyAnswer,
@@ -119,7 +120,7 @@ def _routes(app: FastAPI, engine: Engine) -> None:
             body, uploads = await _read(request, EmbedBody, engine)
         lines = await engine.embed(uploads, body.texts, body.exact_preprocess)
         # The rows are the CLI's own jsonl lines, so their numbers are written exactly as it does.
-        model = json.dumps(engine.loaded.name, ensure_ascii=False)
+        model = json_text(engine.loaded.name)
         rows = ",".join(line.rstrip("\n") for line in lines)
         content = f'{{"model": {model}, "rows": [{rows}]}}'
         return Response(content.encode("utf-8"), media_type="application/json")
@@ -245,7 +246,9 @@ def _too_many_images(count: int | None, most: int) -> RequestError:
 
 
 def _json(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
-    text = json.dumps(content, ensure_ascii=False)
+    # json_text: the CLI's jsonl writing, so a name that is not valid UTF-8 comes back as \udcNN
+    # escapes, exactly as a local run writes it
+    text = json_text(content)
     return Response(text.encode("utf-8"), status, headers, media_type="application/json")
 
 

@@ -24,7 +24,7 @@ from zsclip.errors import UserError
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,12 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self._stop) for sig in _STOP_SIGNALS}
+        previous = {}
+        for name in _STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            # a signal the caller ignores (nohup) stays ignored
+            if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.signal(number, self._stop)
         try:
             yield
         finally:
