@@ -297,7 +297,7 @@ def case_per_image(work: Path, args, env: dict[str, str]) -> dict:
         remote_cmd = [sys.executable, "-m", "zsclip", *base, "--server", server.url]
         for command in (local_cmd, remote_cmd):  # warm: the classifier cache, the page cache
             subprocess.run([*command, str(photos[0])], capture_output=True, env=env, check=True)
-        local, remote, agree = [], [], 0
+        local, remote, agree, differ = [], [], 0, []
         for photo in photos:  # interleaved, so both see the same load
             began = time.perf_counter()
             here = subprocess.run([*local_cmd, str(photo)], capture_output=True, env=env)
@@ -305,7 +305,17 @@ def case_per_image(work: Path, args, env: dict[str, str]) -> dict:
             began = time.perf_counter()
             there = subprocess.run([*remote_cmd, str(photo)], capture_output=True, env=env)
             remote.append(time.perf_counter() - began)
-            agree += here.stdout == there.stdout and here.returncode == 0
+            same = here.stdout == there.stdout and here.returncode == there.returncode == 0
+            agree += same
+            if not same:
+                differ.append(
+                    {
+                        "image": photo.name,
+                        "local": here.stdout[:300],
+                        "server": there.stdout[:300],
+                        "codes": [here.returncode, there.returncode],
+                    }
+                )
     finally:
         server.stop()
     return {
@@ -316,6 +326,7 @@ def case_per_image(work: Path, args, env: dict[str, str]) -> dict:
         "local_total_s": round(sum(local), 1),
         "server_total_s": round(sum(remote), 1),
         "identical_rows": agree,
+        "differing": differ[:3],
     }
 
 

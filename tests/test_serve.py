@@ -266,9 +266,10 @@ def test_classify_server_output_is_the_local_output(plain: Served, tmp_path: Pat
         ["--format", "csv", "--multi-label", "--top-k", "3", "--templates", "simple"],
     )
     for options in cases:
-        args = ["classify", str(folder), str(folder / "missing.png"), "-L", labels, *options]
-        local = run_cli([*args, "-q"])
-        remote = run_cli([*args, "-q", "--server", url])
+        args = ["classify", str(folder), "-", "-L", labels, *options]
+        missing = f"{folder / 'missing.png'}\n"  # on stdin: an unreadable input, not a usage error
+        local = run_cli([*args, "-q"], input=missing)
+        remote = run_cli([*args, "-q", "--server", url], input=missing)
         assert local.code == 1  # three inputs cannot be read
         assert (remote.code, remote.stdout) == (local.code, local.stdout)
         assert remote.stdout.count("\n") >= 11  # eight images, three errors (and a header)

@@ -136,13 +136,11 @@ def classify(
 ) -> None:
     """Classify images into your labels, zero-shot: no training, just class names in words."""
     from zsclip.cli._output import stdout_is_terminal, warn
-    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
     from zsclip.jobs.classify import ClassifyOptions, model_threshold
     from zsclip.jobs.labels import resolve_labels
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     label_list = resolve_labels(labels, labels_file)
     if threshold is not None and not multi_label:
@@ -175,8 +173,10 @@ def classify(
         _classify_remote(server, items, request, sinks)
         return
 
+    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import cache_summary, load_for_inference
     from zsclip.jobs import classify as job
+    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     loaded, torch_device, dtype = load_for_inference(
         model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
