@@ -1,6 +1,7 @@
 """`zsclip serve`: a resident model behind an HTTP API, for programs that ask about images often.
 
-    batcher.py   images from many requests -> one model thread, in batches (dynamic batching)
+    batcher.py   images from many requests -> one model thread, in batches (dynamic batching);
+                 the text tower's own thread
     engine.py    the model at work: decoding threads, the batcher, cached label classifiers,
                  admission (a bounded queue); plain asyncio, no web framework
     schemas.py   the JSON shapes of requests and answers (pydantic: validation and the OpenAPI text)

@@ -226,13 +226,20 @@ def _base64_images(images: list, max_images: int) -> list[Upload]:
         if text.startswith("data:") and ";base64," in text[:100]:  # a data: URL
             text = text.split(",", 1)[1]
         try:
-            data = base64.b64decode("".join(text.split()), validate=True)
+            data = _from_base64(text)
         except (binascii.Error, ValueError):
             raise RequestError(
                 422, "invalid_base64", f"images[{index}]: not valid base64 data"
             ) from None
         uploads.append(Upload(name if name is not None else f"image-{index}", data))
     return uploads
+
+
+def _from_base64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):  # wrapped in lines, as some encoders write it
+        return base64.b64decode("".join(text.split()), validate=True)
 
 
 def _too_many_images(count: int | None, most: int) -> RequestError:

@@ -9,6 +9,9 @@ to finish rather than alternating between a large batch and the few images that 
 (on a CPU the image tower costs several times more per image alone than in a batch of 16). A job larger than a batch is split
 across batches; a job whose requester has gone (timed out, disconnected) is skipped.
 
+The text tower has a thread of its own (TextWorker), so label classifiers are built beside the
+image batches.
+
 No web framework here: a job's result is a concurrent.futures.Future, which asyncio code awaits with
 asyncio.wrap_future.
 """
@@ -185,3 +188,31 @@ def _settle(future: Future, *, result=None, error: BaseException | None = None) 
             future.set_result(result)
     except InvalidStateError:
         pass
+
+
+class TextWorker:
+    """One daemon thread for the text tower (label classifiers, text embeddings), in order. A daemon
+    so that a classifier still being built when the server stops, its requesters gone (timed out),
+    does not hold the process open: it is abandoned, and the cache only ever sees whole files."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="zsclip-text", daemon=True)
+        self._thread.start()
+
+    def submit(self, function) -> "Future":
+        future: Future = Future()
+        self._calls.put((function, future))
+        return future
+
+    def close(self) -> None:
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            function, future = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as err:
+                    future.set_exception(err)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from zsclip.errors import UserError
 from zsclip.jobs.classify import ClassifyOptions
-from zsclip.serve.batcher import Batcher
+from zsclip.serve.batcher import Batcher, TextWorker
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +134,7 @@ class Engine:
         self.scale = logit_scale_of(loaded.model)
         workers = batching.workers or default_workers()
         self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="zsclip-decode")
-        self._text = ThreadPoolExecutor(1, thread_name_prefix="zsclip-text")
+        self._text = TextWorker()
         self.arriving = 0  # requests whose body is being read (see `arrival`)
         self.decoding = 0  # images of admitted requests not yet handed to the batcher
         self.batcher = Batcher(
@@ -154,7 +154,7 @@ class Engine:
         """Finish queued work, then stop the threads."""
         self.batcher.close()
         self._decoders.shutdown(wait=True)
-        self._text.shutdown(wait=True)
+        self._text.close()  # a label classifier still being built is left behind
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -297,7 +297,7 @@ class Engine:
                 loaded.model, loaded.tokenizer, texts, device=self.device, dtype=self.dtype
             )
 
-        return await asyncio.get_running_loop().run_in_executor(self._text, work)
+        return await asyncio.wrap_future(self._text.submit(work))
 
     async def _classifier(
         self, labels: list[str], template_set: "TemplateSet"
@@ -329,7 +329,7 @@ class Engine:
             )
 
         try:
-            weights = await asyncio.get_running_loop().run_in_executor(self._text, work)
+            weights = await asyncio.wrap_future(self._text.submit(work))
         finally:
             del self._building[key]
         self._classifiers[key] = (weights, tuple(warnings))
