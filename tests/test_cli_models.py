@@ -86,7 +86,7 @@ def test_models_table_is_plain_text_with_a_header():
     result = invoke("models")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "PATH"]
+    assert lines[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH"]
     assert len(lines) == 1 + len(NINE) + 1
     assert "\x1b" not in result.stdout
     assert lines[6].split()[:5] == ["ViT-B/32", "openai", "337.6", "MiB", "no"]

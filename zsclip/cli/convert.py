@@ -21,10 +21,13 @@ def convert(
     source: Annotated[
         str,
         typer.Argument(
-            help="Checkpoint to read: a file or folder in any supported format, or a model name."
+            metavar="SRC",
+            help="Checkpoint to read: a file or folder in any supported format, or a model name.",
         ),
     ],
-    destination: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    destination: Annotated[
+        Path, typer.Argument(metavar="DST", help="The .safetensors file to write.")
+    ],
     vocab: VocabOpt = None,
     offline: OfflineOpt = False,
 ) -> None:
