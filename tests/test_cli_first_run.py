@@ -113,6 +113,16 @@ def test_the_shipped_model_describes_itself_and_matches_its_card() -> None:
     assert f"{BUILTIN.stat().st_size:,} bytes" in card
 
 
+def test_converting_the_built_in_model_keeps_what_it_says_about_itself(tmp_path: Path) -> None:
+    from zsclip.core.checkpoints import load_model
+
+    copy = tmp_path / "copy.safetensors"
+    assert run_cli(["convert", "zsclip-shapes", str(copy)]).code == 0
+    kept, shipped = load_model(copy).metadata, load_model(BUILTIN).metadata
+    for key in ("description", "caption_words", "multi_label_threshold", "templates"):
+        assert kept[key] == shipped[key]
+
+
 # ------------------------------------------------------------------------ multi-label default
 
 

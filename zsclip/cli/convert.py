@@ -17,6 +17,16 @@ def register(app: typer.Typer) -> None:
     )(convert)
 
 
+# What a model says about itself that a converted copy keeps (the rest is rewritten by the save).
+KEPT_METADATA = (
+    "templates",
+    "source_format",
+    "description",
+    "multi_label_threshold",
+    "caption_words",
+)
+
+
 def convert(
     source: Annotated[
         str,
@@ -43,11 +53,7 @@ def convert(
         raise UserError(f"{destination}: the destination must end in .safetensors")
     check_output(destination, "DST")  # before the (slow) load
     loaded = load_model(source, vocab=vocab, offline=offline)
-    keep = {
-        k: v
-        for k, v in loaded.metadata.items()
-        if k in ("templates", "source_format", "description")
-    }
+    keep = {k: v for k, v in loaded.metadata.items() if k in KEPT_METADATA}
     with writing(str(destination)):
         save_checkpoint(
             destination,
