@@ -1,13 +1,16 @@
 """The Typer app: every command registers itself from its own module in zsclip/cli/.
 
 User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
-exits with its code (2 for usage errors). ZSCLIP_DEBUG=1 shows the traceback instead.
+exits with its code (2 for usage errors). Click's own usage errors (an unknown option, a value out of
+range) become one line the same way. ZSCLIP_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 import typer
 
@@ -61,9 +64,9 @@ def main() -> None:
             raise
         print(f"zsclip: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         if debug:
-            raise
+            raise KeyboardInterrupt from None
         print("zsclip: interrupted", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
@@ -77,10 +80,52 @@ def main() -> None:
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             if debug:
                 raise
-            err.show()
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `zsclip`: the help text
+                err.show()
+            else:
+                print(_usage_line(err), file=sys.stderr)
             sys.exit(err.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C on its way out. Typer turns a KeyboardInterrupt into a silent `return 130`, which
+    would leave the user without a word; this one passes through Typer (and through any
+    `except Exception`), running every `finally` and context exit on its way."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_reported() -> Iterator[None]:
+    """SIGINT raises _Interrupted while the program runs (`main` reports it), unless SIGINT is
+    already handled some other way."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _usage_line(err: Exception) -> str:
+    """A click usage error (unknown option, bad value, missing argument) as one line, like every
+    other zsclip error, naming the help that lists the options."""
+    message = " ".join(str(err.format_message()).split())  # type: ignore[attr-defined]
+    context = getattr(err, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if context is not None else ""
+    return f"zsclip: error: {message}{hint}"
 
 
 def run() -> None:
@@ -94,10 +139,14 @@ def run() -> None:
     users call `main`, which returns normally.
     """
     try:
-        main()
+        with _ctrl_c_reported():
+            main()
         code: object = 0
     except SystemExit as exit_:
         code = exit_.code
+    except _Interrupted:  # a second Ctrl-C while `main` was already finishing
+        print("zsclip: interrupted", file=sys.stderr)
+        code = 130
     if "torch" not in sys.modules or not _quiet_process():
         sys.exit(code)
     import atexit
