@@ -163,6 +163,61 @@ def test_a_damaged_checkpoint_is_one_line_exit_2(world: dict, tmp_path: Path, da
     assert str(damaged) in line
 
 
+def _torch_file(value):
+    def write(path: Path) -> None:
+        import torch
+
+        torch.save(value(), path)
+
+    return write
+
+
+def _zip_file(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a torch archive")
+
+
+_PT_READER_BUG = (
+    "bug in zsclip/core/foreign.py (read_torch_file): a .pt file that is not a pickle at all "
+    "ends in a traceback from torch's weights-only unpickler (KeyError / IndexError)"
+)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda p: p.write_bytes(bytes(range(256)) * 12), id="random-bytes"),
+        pytest.param(_zip_file, id="zip-not-torch"),
+        pytest.param(_torch_file(lambda: __import__("torch").zeros(3)), id="one-tensor"),
+        pytest.param(_torch_file(lambda: [1, 2, 3]), id="a-list"),
+        pytest.param(
+            _torch_file(lambda: {"weight": __import__("torch").zeros(2, 2)}), id="not-clip"
+        ),
+        pytest.param(
+            lambda p: p.write_text("hello, I am a text file\n"),
+            id="text",
+            marks=pytest.mark.xfail(strict=True, reason=_PT_READER_BUG),
+        ),
+        pytest.param(
+            lambda p: p.write_bytes(b""),
+            id="empty",
+            marks=pytest.mark.xfail(strict=True, reason=_PT_READER_BUG),
+        ),
+    ],
+)
+def test_a_pt_file_that_is_no_clip_checkpoint_is_one_line_exit_2(
+    world: dict, tmp_path: Path, write
+) -> None:
+    path = tmp_path / "model.pt"
+    write(path)
+    line = assert_one_line_error(
+        run_cli(["classify", world["photos"][0], "--model", str(path), "-l", LABELS])
+    )
+    assert str(path) in line or "CLIP" in line
+
+
 # ----------------------------------------------------------------------------------------- devices
 
 
