@@ -1,5 +1,5 @@
-"""A small mutation check: plant one-line bugs in the scoring, ensembling, caching, loss and tokenizer
-code, run the tests on each, and list the mutants the tests let through.
+"""A small mutation check: plant one-line bugs in the scoring, ensembling, caching, loss and
+tokenizer code, run the tests on each, and list the mutants the tests let through.
 
     python benchmarks/mutation.py                  # every mutant, each against its relevant tests
     python benchmarks/mutation.py --full           # each against the default test command instead
@@ -336,10 +336,13 @@ def apply(mutant: Mutant, root: Path) -> str:
     return text
 
 
-def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[bool, float, str]:
-    """(passed, seconds, last line) for pytest over `tests` in the copy."""
+def run_tests(
+    root: Path, tests: list[str], timeout: float, extra: list[str]
+) -> tuple[bool, float, str]:
+    """(passed, seconds, what decided it) for pytest over `tests` in the copy: the first failing
+    test when one failed, else pytest's closing line."""
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *extra, *tests]
     started = time.monotonic()
     try:
         done = subprocess.run(
@@ -348,7 +351,9 @@ def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[bool, float
     except subprocess.TimeoutExpired:
         return False, time.monotonic() - started, "timed out (counted as killed)"
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return done.returncode == 0, time.monotonic() - started, lines[-1] if lines else ""
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
+    summary = failed[0] if failed else (lines[-1] if lines else "")
+    return done.returncode == 0, time.monotonic() - started, summary
 
 
 def main() -> None:
@@ -357,6 +362,12 @@ def main() -> None:
     parser.add_argument("-k", action="append", default=[], help="only mutants whose name has this")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per test run")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the run of the unmutated code"
+    )
+    parser.add_argument(
+        "--deselect", action="append", default=[], help="a test id to leave out (pytest's option)"
+    )
     args = parser.parse_args()
     chosen = [x for x in MUTANTS if not args.k or any(k in x.name for k in args.k)]
     if args.list:
@@ -368,22 +379,26 @@ def main() -> None:
         scratch_copy(root)
         for mutant in chosen:  # check that every mutant applies before running anything
             (root / mutant.path).write_text(apply(mutant, root))
-        baseline = sorted({t for x in chosen for t in x.tests})
-        passed, seconds, last = run_tests(root, [] if args.full else baseline, args.timeout)
-        print(
-            f"baseline ({'default command' if args.full else 'relevant tests'}): {last} "
-            f"({seconds:.0f} s)",
-            flush=True,
-        )
-        if not passed:
-            raise SystemExit("the unmutated code fails its tests: fix that first")
+        extra = [f"--deselect={test}" for test in args.deselect]
+        if not args.no_baseline:
+            baseline = sorted({t for x in chosen for t in x.tests})
+            passed, seconds, last = run_tests(
+                root, [] if args.full else baseline, args.timeout, extra
+            )
+            print(
+                f"baseline ({'default command' if args.full else 'relevant tests'}): {last} "
+                f"({seconds:.0f} s)",
+                flush=True,
+            )
+            if not passed:
+                raise SystemExit("the unmutated code fails its tests: fix that first")
         survivors = []
         print(f"{'result':<9} {'s':>5}  mutant")
         for mutant in chosen:
             original = apply(mutant, root)
             try:
                 passed, seconds, last = run_tests(
-                    root, [] if args.full else list(mutant.tests), args.timeout
+                    root, [] if args.full else list(mutant.tests), args.timeout, extra
                 )
             finally:
                 (root / mutant.path).write_text(original)

@@ -20,15 +20,15 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @functools.lru_cache(maxsize=None)
 def load(model_path: str):
-    """The checkpoint's LoadedModel (model in eval mode on the CPU, tokenizer, preprocess config)."""
+    """The checkpoint's LoadedModel (model in eval mode on the CPU, tokenizer, preprocessing)."""
     from zsclip.core.checkpoints import load_model
 
     return load_model(model_path, device="cpu")
 
 
 def image_features(model_path: str, images: list[str]) -> torch.Tensor:
-    """[N, D] unit image features: pixels / 255, normalised by the paper's mean and std, one image at
-    a time through the image tower. The images must already be S x S (no resize or crop here)."""
+    """[N, D] unit image features: pixels / 255, normalised by the paper's mean and std, one image
+    at a time through the image tower. The images must already be S x S (no resize or crop here)."""
     from PIL import Image
 
     loaded = load(model_path)

@@ -291,8 +291,8 @@ def test_device_mistakes_on_the_command_line(world: dict, monkeypatch, name: str
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_decoder_crash_is_an_error_row(world: dict, monkeypatch, workers: str) -> None:
-    """An unexpected exception from the image loader on one file (a decoder bug, not a bad file) costs
-    that file only: an error row and one stderr line for it, the other rows right, exit 1."""
+    """An unexpected exception from the image loader on one file (a decoder bug, not a bad file)
+    costs that file only: an error row and one stderr line for it, the other rows right, exit 1."""
     import zsclip.core.transform as transform
 
     real = transform.load_image

@@ -2,9 +2,9 @@
 computed here, step by step, from a model with fixed weights.
 
 The reference (tests/reference.py) shares nothing with zsclip's scoring code: prompts go
-through the text tower padded, in a plain batch (no shared-prefix planning), each image is normalised by hand
-from its pixels, the ensembling is spelled out, and the temperature and the softmax/sigmoid are
-written out below.
+through the text tower padded, in a plain batch (no shared-prefix planning), each image is
+normalised by hand from its pixels, the ensembling is spelled out, and the temperature and the
+softmax/sigmoid are written out below.
 
 Tolerances. The CLI and the reference run the same float32 operations in another order (batched
 images, prompts batched by shared prefix): a feature component moves by about 1e-7 (measured: at
@@ -235,7 +235,7 @@ def test_classify_from_saved_embeddings_gives_the_formula(
         assert_scores(row, want, LABELS, softmax_tolerance(scale))
 
 
-# ------------------------------------------------------------------------ the built-in model, pinned
+# -------------------------------------------------------------------- the built-in model, pinned
 
 # `zsclip classify examples/ -L examples/labels.txt -k 2` with the shipped model (its own template
 # set, `shapes`): label and score of the two best labels per image, as measured with torch 2.13.0 on

@@ -258,8 +258,8 @@ def test_a_stored_vector_that_is_not_unit_length_is_a_miss(
 
 
 def test_a_damaged_classifier_entry_is_rebuilt(model: str, photos: Path) -> None:
-    """A classifier file replaced by garbage, or cut short: the labels are encoded again, the rows are
-    right, and the entry is written anew."""
+    """A classifier file replaced by garbage, or cut short: the labels are encoded again, the rows
+    are right, and the entry is written anew."""
     from safetensors.torch import load_file
 
     first = classify(model, photos, "red,green,blue")

@@ -1,8 +1,8 @@
 """The Typer app: every command registers itself from its own module in zsclip/cli/.
 
 User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
-exits with its code (2 for usage errors). Click's own usage errors (an unknown option, a value out of
-range) become one line the same way. ZSCLIP_DEBUG=1 shows the traceback instead.
+exits with its code (2 for usage errors). Click's own usage errors (an unknown option, a value out
+of range) become one line the same way. ZSCLIP_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
