@@ -31,6 +31,27 @@ def test_retrieval_recall_by_hand():
     assert out["text_to_image_R@2"] == pytest.approx(1.0)
 
 
+def test_retrieval_ties_count_for_the_right_answer():
+    """Two identical captions: each image's own caption ties with the other one, and a tie does not
+    push the right answer down (rank = candidates scoring strictly higher)."""
+    images = torch.eye(2)
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # both captions say the same
+    out = evaluate.retrieval_recall(images, texts, ks=(1,))
+    # image 0: own text 1.0 ties with text 1; image 1: own text 0.0 ties with text 0
+    assert out["image_to_text_R@1"] == 1.0
+    # text 0 prefers image 0 (its own); text 1 prefers image 0 too, over its own image 1
+    assert out["text_to_image_R@1"] == 0.5
+
+
+def test_zeroshot_top5_is_five_labels_deep():
+    """With 7 labels, a right label in 5th place is a top-5 hit, in 6th place a miss."""
+    feats = torch.eye(7)[:2]  # [N=2, D=7]: image i is the unit vector e_i
+    classifier = torch.zeros(7, 7)  # [D, C]
+    classifier[:2] = torch.tensor([1 - c / 10 for c in range(7)])  # both rank label c at place c
+    out = evaluate.zeroshot_scores(feats, classifier, torch.tensor([4, 5]), 7)
+    assert out["top1"] == 0.0 and out["top5"] == 0.5
+
+
 def test_zeroshot_scores():
     feats = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0.6, 0.8]])
     classifier = torch.tensor([[1.0, 0, 0.7], [0, 1.0, 0.7]])  # [D=2, C=3]

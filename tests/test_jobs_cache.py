@@ -326,6 +326,20 @@ def test_every_input_of_the_classifier_is_in_its_key(field: str, other) -> None:
     assert cache.classifier_key(**{**KEY, field: other}) != base
 
 
+def test_a_cached_classifier_of_another_shape_is_a_miss(tmp_path: Path) -> None:
+    """An entry whose matrix does not have the shape the run needs (a tampered file, or another
+    entry renamed over it) is not used: the labels are encoded again."""
+    import torch
+
+    from zsclip.jobs import cache
+
+    key = cache.classifier_key(**KEY)
+    cache.save_classifier(key, torch.ones(32, 2), ["red", "green"], root=tmp_path)
+    assert cache.load_classifier(key, (32, 3), root=tmp_path) is None
+    assert cache.load_classifier(key, (16, 2), root=tmp_path) is None
+    assert torch.equal(cache.load_classifier(key, (32, 2), root=tmp_path), torch.ones(32, 2))
+
+
 def test_the_model_identity_follows_the_file(tmp_path: Path) -> None:
     """Same file, same identity; another path, size or modification time (a checkpoint saved over
     the old one), another identity. A folder model counts every file in it."""
