@@ -182,3 +182,12 @@ def test_eval_usage_errors(args, message, tmp_path, monkeypatch):
     assert result.code == 2, result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+
+
+def test_json_figures_are_rounded(capsys):
+    from zsclip.cli.evaluate import _render
+
+    # what float32 arithmetic hands over: 0.055 as float32 is 0.054999999701976776 as a double
+    result = {"top1": float(torch.tensor(0.055)), "top5": float(torch.tensor(1 / 3)), "n": 200}
+    _render(result, "json")
+    assert json.loads(capsys.readouterr().out) == {"top1": 0.055, "top5": 0.333333, "n": 200}

@@ -1,15 +1,20 @@
 """The Typer app: every command registers itself from its own module in zsclip/cli/.
 
 User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
-exits with its code (2 for usage errors). Click's own usage errors (an unknown option, a value out
-of range) become one line the same way. ZSCLIP_DEBUG=1 shows the traceback instead.
+exits with its code (2 for usage errors, 3 when an output could not be written). ZSCLIP_DEBUG=1
+shows the traceback instead. Click's own usage errors (an unknown option, a value out of range)
+become one line the same way. SIGINT (Ctrl-C), SIGTERM and SIGHUP unwind the command like an
+exception, so every writer removes its temporary file, then `zsclip: interrupted` and exit status
+128 + the signal's number (130, 143, 129). A signal the caller ignores (nohup) stays ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Iterator
 
 import typer
@@ -45,8 +50,68 @@ def _before_any_command() -> None:
     install_download_progress()
 
 
+class Interrupted(BaseException):
+    """A stop signal, raised in the main thread. Not a KeyboardInterrupt, which click would turn into a
+    silent exit status 130."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While the command runs, SIGINT, SIGTERM and SIGHUP raise Interrupted (once: a second signal
+    during the unwinding is not allowed to cut the clean-up short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def _guarded_stdout() -> Iterator[None]:
+    """While a command runs, a failing stdout (`> /dev/full`, a disk filling up) is one line and exit
+    status 3, and a reader that went away (`| head`) a quiet exit, whichever command wrote."""
+    original = sys.stdout
+    if original is None:  # closed: the commands that need it say so
+        yield
+        return
+    from zsclip.cli._runtime import guarded
+
+    sys.stdout = guarded(original, "stdout")
+    try:
+        yield
+    finally:
+        sys.stdout = original
+
+
+def _error(message: str) -> None:
+    from zsclip.escapes import for_display
+
+    print(f"zsclip: error: {for_display(message)}", file=sys.stderr)
+
+
 def main() -> None:
     """Console-script entry point."""
+    if sys.stderr is None:  # stderr closed (`2>&-`): print(file=None) would write to stdout
+        sys.stderr = open(os.devnull, "w")
     debug = os.environ.get("ZSCLIP_DEBUG", "") not in ("", "0")
     if not debug:
         import warnings
@@ -58,15 +123,22 @@ def main() -> None:
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         # Without standalone mode click returns (rather than raises) the code of `typer.Exit(n)`.
-        code = app(standalone_mode=False)
+        with _signals_interrupt(), _guarded_stdout():
+            code = app(standalone_mode=False)
+            sys.stdout.flush()
     except UserError as err:
         if debug:
             raise
-        print(f"zsclip: error: {err}", file=sys.stderr)
+        _error(str(err))
         sys.exit(err.exit_code)
-    except (KeyboardInterrupt, _Interrupted):
+    except Interrupted as err:
         if debug:
-            raise KeyboardInterrupt from None
+            raise
+        print("zsclip: interrupted", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt:
+        if debug:
+            raise
         print("zsclip: interrupted", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
@@ -89,36 +161,6 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-class _Interrupted(BaseException):
-    """Ctrl-C on its way out. Typer turns a KeyboardInterrupt into a silent `return 130`, which
-    would leave the user without a word; this one passes through Typer (and through any
-    `except Exception`), running every `finally` and context exit on its way."""
-
-
-@contextlib.contextmanager
-def _ctrl_c_reported() -> Iterator[None]:
-    """SIGINT raises _Interrupted while the program runs (`main` reports it), unless SIGINT is
-    already handled some other way."""
-    import signal
-    import threading
-
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-
-    def interrupted(signum: int, frame: object) -> None:
-        raise _Interrupted
-
-    signal.signal(signal.SIGINT, interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _usage_line(err: Exception) -> str:
     """A click usage error (unknown option, bad value, missing argument) as one line, like every
     other zsclip error, naming the help that lists the options."""
@@ -139,14 +181,10 @@ def run() -> None:
     users call `main`, which returns normally.
     """
     try:
-        with _ctrl_c_reported():
-            main()
+        main()
         code: object = 0
     except SystemExit as exit_:
         code = exit_.code
-    except _Interrupted:  # a second Ctrl-C while `main` was already finishing
-        print("zsclip: interrupted", file=sys.stderr)
-        code = 130
     if "torch" not in sys.modules or not _quiet_process():
         sys.exit(code)
     import atexit

@@ -32,7 +32,8 @@ Examples:
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
-Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error."""
+Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
+3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -122,26 +123,23 @@ def classify(
     offline: OfflineOpt = False,
 ) -> None:
     """Classify images into your labels, zero-shot: no training, just class names in words."""
-    import sys
-
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._report import THUMBNAIL_SIZE
+    from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
     from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
-    from zsclip.jobs.inputs import expand_inputs
     from zsclip.jobs.labels import resolve_labels
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     label_list = resolve_labels(labels, labels_file)
     if threshold is not None and not multi_label:
         raise UserError("--threshold only applies with --multi-label")
+    check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
-    if report is not None and report.is_dir():
-        raise UserError(f"--report {report} is a folder; give a file name such as report.html")
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
-    items = None if embeddings is not None else expand_inputs(inputs or [], sys.stdin)
+    items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
