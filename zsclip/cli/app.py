@@ -2,7 +2,8 @@
 
 User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
 exits with its code (2 for usage errors, 3 when an output could not be written). ZSCLIP_DEBUG=1
-shows the traceback instead. SIGINT (Ctrl-C), SIGTERM and SIGHUP unwind the command like an
+shows the traceback instead. Click's own usage errors (an unknown option, a value out of range)
+become one line the same way. SIGINT (Ctrl-C), SIGTERM and SIGHUP unwind the command like an
 exception, so every writer removes its temporary file, then `zsclip: interrupted` and exit status
 128 + the signal's number (130, 143, 129). A signal the caller ignores (nohup) stays ignored.
 """
@@ -171,10 +172,22 @@ def main() -> None:
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             if debug:
                 raise
-            err.show()
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `zsclip`: the help text
+                err.show()
+            else:
+                print(_usage_line(err), file=sys.stderr)
             sys.exit(err.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(err: Exception) -> str:
+    """A click usage error (unknown option, bad value, missing argument) as one line, like every
+    other zsclip error, naming the help that lists the options."""
+    message = " ".join(str(err.format_message()).split())  # type: ignore[attr-defined]
+    context = getattr(err, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if context is not None else ""
+    return f"zsclip: error: {message}{hint}"
 
 
 def run() -> None:
