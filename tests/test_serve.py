@@ -101,8 +101,12 @@ class Served:
 
 
 def _environment(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ZSCLIP_TOKEN", "ZSCLIP_SERVER")}
-    return {**env, "ZSCLIP_CACHE": str(tmp / "cache"), **extra}
+    """The server's own cache and settings, no model or server named by the environment (module
+    fixtures start before conftest's per-test ones)."""
+    names = ("ZSCLIP_TOKEN", "ZSCLIP_SERVER", "ZSCLIP_MODEL")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    private = {"ZSCLIP_CACHE": str(tmp / "cache"), "XDG_CONFIG_HOME": str(tmp / "config")}
+    return {**env, **private, **extra}
 
 
 @pytest.fixture(scope="module")
