@@ -369,6 +369,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith("ZSCLIP_")}
     env["ZSCLIP_CACHE"] = str(args.workdir / f"cache-{args.model}")
+    env["XDG_CONFIG_HOME"] = str(args.workdir / "config")  # no `zsclip config` default model
     setup(args.workdir, args.model)
     for name in [name for _ in range(args.repeat) for name in args.only]:
         load_before = os.getloadavg()[0]
