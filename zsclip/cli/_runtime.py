@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     from zsclip.core.checkpoints import LoadedModel
     from zsclip.jobs.cache import ImageCache
-    from zsclip.jobs.pipeline import DecodeOptions
 
 Row = TypeVar("Row")
 
@@ -50,29 +49,6 @@ def load_for_inference(
     return loaded, torch_device, dtype
 
 
-def image_cache(
-    loaded: "LoadedModel",
-    decode: "DecodeOptions",
-    dtype: "torch.dtype",
-    enabled: bool,
-) -> "ImageCache | None":
-    """The image-embedding cache for this model, preprocessing and precision; None with --no-cache or
-    when the model has no file to identify it by."""
-    if not enabled:
-        return None
-    from zsclip.cli._output import warn
-    from zsclip.core.devices import precision_name
-    from zsclip.jobs.cache import ImageCache, image_variant, model_identity
-
-    model_id = model_identity(loaded.path)
-    if model_id is None:
-        return None
-    variant = image_variant(
-        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
-    )
-    return ImageCache(variant, warn=warn)
-
-
 def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:
     """One stderr line saying how many images came from the cache, when any did."""
     if cache is not None and cache.hits:
@@ -90,12 +66,11 @@ def prepare_torch() -> None:
 
     * OMP_WAIT_POLICY=PASSIVE (unless the user set it): torch's OpenMP workers sleep rather than
       spin while they wait. zsclip decodes images in threads beside the model, and spinning workers
-      take the CPU those threads (and any other program) need: on the shared 2-core benchmark
-      machine ViT-B/32 ran 1.3x faster on images and 3x on prompts. OpenMP reads it once, when torch
-      loads.
-    * the garbage collector paused during the import (0.2-0.5 s of its ~2 s here), then torch's
+      take the CPU those threads (and any other program) need (figures: docs/performance.md).
+      OpenMP reads it once, when torch loads.
+    * the garbage collector paused during the import (a noticeable part of it), then torch's
       objects frozen (gc.freeze) and frozen again at exit, so neither later collections nor the
-      final one at interpreter exit walk them all again (that final walk took ~0.5 s).
+      final one at interpreter exit walk them all again.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:

@@ -86,7 +86,7 @@ def main() -> None:
 def run() -> None:
     """The `zsclip` program (console script and `python -m zsclip`): `main`, then a quick exit.
 
-    Once torch is loaded, the interpreter's normal shutdown spends 0.2-0.5 s here tearing down
+    Once torch is loaded, the interpreter's normal shutdown spends a large part of a second tearing down
     torch's thousands of module objects one by one, which is most of what a cached rerun would
     otherwise wait for. When the command is over, its files written and closed, and nothing else
     runs (no other thread, child process or distributed process group), the exit handlers run and

@@ -79,16 +79,16 @@ def embed(
     from zsclip.cli._runtime import (
         cache_summary,
         finish,
-        image_cache,
         load_for_inference,
         write_rows,
     )
     from zsclip.cli._writers import EmbeddingStream
     from zsclip.errors import UserError
+    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.embed import embed_images, embed_texts
     from zsclip.jobs.embedding_files import EmbeddingFile
     from zsclip.jobs.inputs import expand_inputs
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
+    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder, default_workers
 
     texts = _gather_texts(text, texts_file)
     if texts is not None and inputs:
@@ -122,20 +122,19 @@ def embed(
             len(texts),
         )
     else:
-        workers = default_workers() if workers is None else workers
         decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess)
-        images_cache = image_cache(loaded, decode, dtype, cache)
-        rows = embed_images(
+        images_cache = image_cache_for(loaded, decode, dtype, enabled=cache, warn=warn)
+        encoder = ImageEncoder(
             loaded.model,
-            items,
             loaded.preprocess,
-            device=torch_device,
-            dtype=dtype,
+            torch_device,
+            dtype,
             batch_size=batch_size,
-            workers=workers,
+            workers=default_workers() if workers is None else workers,
             decode=decode,
             cache=images_cache,
         )
+        rows = embed_images(encoder, items)
         total = len(items)
     ok = False
     try:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from zsclip.core.model import CLIPConfig, TextConfig, VisionConfig
+from zsclip.core.presets import CLIPConfig, TextConfig, VisionConfig
 from zsclip.errors import UserError
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from zsclip.core.model import CLIPConfig, TextConfig, VisionConfig
+from zsclip.core.presets import CLIPConfig, TextConfig, VisionConfig
 from zsclip.core.torch_files import read_torch_file
 from zsclip.errors import UserError
 

@@ -33,6 +33,9 @@ from zsclip.paths import cache_dir
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.core.checkpoints import LoadedModel
+    from zsclip.jobs.pipeline import DecodeOptions
+
 Warn = Callable[[str], None]
 
 IMAGE_DB = "images.sqlite3"
@@ -282,3 +285,26 @@ class ImageCache:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def image_cache_for(
+    loaded: "LoadedModel",
+    decode: "DecodeOptions",
+    dtype: "torch.dtype",
+    *,
+    enabled: bool = True,
+    warn: Warn = lambda message: None,
+) -> "ImageCache | None":
+    """The image-embedding cache for this model, preprocessing and precision; None when disabled or
+    when the model has no file to identify it by."""
+    if not enabled:
+        return None
+    from zsclip.core.devices import precision_name
+
+    model_id = model_identity(loaded.path)
+    if model_id is None:
+        return None
+    variant = image_variant(
+        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
+    )
+    return ImageCache(variant, warn=warn)
