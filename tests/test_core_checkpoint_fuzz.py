@@ -212,7 +212,7 @@ def test_damaged_zip_members(formats, kind, data):
         _loads_or_says_why(folder / src.name)
 
 
-@fuzz(50)
+@fuzz(30)
 @given(data=st.data())
 def test_lying_zsclip_header(formats, data):
     from safetensors.torch import load_file
@@ -232,7 +232,7 @@ def test_lying_zsclip_header(formats, data):
         _loads_or_says_why(path)
 
 
-@fuzz(50)
+@fuzz(40)
 @given(data=st.data())
 def test_lying_hf_config(formats, data):
     config = json.loads((formats.huggingface / "config.json").read_text())

@@ -154,7 +154,24 @@ def _preprocess(data: Any, where: str, config: CLIPConfig) -> PreprocessConfig:
     return preprocess
 
 
-def _check_tokenizer(tokenizer: Tokenizer, config: CLIPConfig, where: str) -> None:
+@dataclass
+class _Read:
+    """A checkpoint read, its tensors checked against its config (names, shapes, dtypes), its
+    preprocessing checked against the model; not yet built."""
+
+    config: CLIPConfig
+    state_dict: dict[str, torch.Tensor]
+    preprocess: PreprocessConfig
+    metadata: dict[str, str]
+
+
+def _check_tokenizer(tokenizer: Tokenizer, read: _Read, where: str) -> None:
+    """The tokenizer must fit the model: no id beyond its embedding, no text longer than its
+    positional embedding. A context length the checkpoint states is checked; one that came with a
+    vocabulary from elsewhere (--vocab, files beside a foreign checkpoint) is cut to the model's."""
+    config = read.config
+    if "tokenizer.context_length" not in read.metadata:
+        tokenizer.context_length = min(tokenizer.context_length, config.text.context_length)
     if tokenizer.vocab_size > config.text.vocab_size:
         raise UserError(
             f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model only "
@@ -166,17 +183,6 @@ def _check_tokenizer(tokenizer: Tokenizer, config: CLIPConfig, where: str) -> No
             f"{where}: the tokenizer's context length ({tokenizer.context_length}) must be "
             f"between 2 and the model's text.context_length ({config.text.context_length})"
         )
-
-
-@dataclass
-class _Read:
-    """A checkpoint read, its tensors checked against its config (names, shapes, dtypes), its
-    preprocessing checked against the model; not yet built."""
-
-    config: CLIPConfig
-    state_dict: dict[str, torch.Tensor]
-    preprocess: PreprocessConfig
-    metadata: dict[str, str]
 
 
 def _read_zsclip(path: Path, metadata: dict[str, str]) -> _Read:
@@ -239,7 +245,7 @@ def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
     tokenizer = tokenizer_for_checkpoint(
         read.metadata, vocab, path if path.is_dir() else path.parent
     )
-    _check_tokenizer(tokenizer, read.config, str(path))
+    _check_tokenizer(tokenizer, read, str(path))
     model = _instantiate(read.config, read.state_dict)
     builtin = path.resolve().parent == weights_dir().resolve()
     return LoadedModel(

@@ -101,7 +101,7 @@ def open_archive(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
-        raise UserError(f"{path}: a damaged zip archive ({str(err)[:120]})") from err
+        raise UserError(f"{path}: a damaged zip archive ({_one_line(err)})") from None
     try:
         _check_directory(path, archive)
     except BaseException:
@@ -137,7 +137,7 @@ def _check_directory(path: Path, archive: zipfile.ZipFile) -> None:
                 f"{path}: {name[:80]!r} uses zip compression method {info.compress_type}; "
                 f"re-save the checkpoint with torch.save"
             )
-        if info.header_offset + info.compress_size > size:
+        if info.header_offset < 0 or info.header_offset + info.compress_size > size:
             raise UserError(f"{path}: a damaged zip archive ({name[:80]!r} ends past the file)")
         if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
             raise UserError(f"{path}: a damaged zip archive ({name[:80]!r} has two sizes)")
@@ -308,7 +308,10 @@ class _StorageReader:
             start = _data_offset(self.mapped, info)
             if start + nbytes > len(self.mapped):
                 raise ValueError(f"{name!r} ends past the file")
-            return torch.frombuffer(self.mapped, dtype=dtype, count=numel, offset=start)
+            mapped = torch.frombuffer(self.mapped, dtype=dtype, count=numel, offset=start)
+            # torch writes members aligned; a re-zipped archive may not be, and some kernels
+            # assume aligned data: such a member is copied once instead
+            return mapped if start % mapped.element_size() == 0 else mapped.clone()
         buffer = bytearray(nbytes)  # the declared size, already bounded by the expansion check
         view, filled = memoryview(buffer), 0
         with self.archive.open(info) as handle:
