@@ -298,6 +298,23 @@ def test_unused_weights_in_a_foreign_checkpoint_are_an_error(formats, tmp_path):
     _refused(openai / "model.pt", r"does not use, e\.g\. 'visual\.adapter\.weight'")
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("[1]", "must hold a JSON object, not a list"),
+        ("{", "not a readable JSON file"),
+        ('{"model_cfg": {"text_cfg": {"heads": 0}}}', r"text_cfg\.heads must be a positive"),
+        ('{"model_cfg": {"text_cfg": {"heads": 3}}}', r"json text_cfg\.heads \(3\) must divide"),
+        ('{"model_cfg": {"quick_gelu": "yes"}}', r"quick_gelu must be true or false"),
+        ('{"preprocess_cfg": {"std": [0, 1, 1]}}', "bad preprocess field"),
+    ],
+)
+def test_a_bad_open_clip_config_beside_the_weights_is_named(formats, tmp_path, config, match):
+    torch.save({"epoch": 1, "state_dict": formats.state_dict}, tmp_path / "epoch_1.pt")
+    (tmp_path / "open_clip_config.json").write_text(config)
+    _refused(tmp_path / "epoch_1.pt", match)
+
+
 def test_openai_state_dict_missing_a_tensor_the_architecture_is_read_from(formats, tmp_path):
     sd = {k: v for k, v in formats.state_dict.items() if k != "visual.conv1.weight"}
     torch.save(sd, tmp_path / "model.pt")
