@@ -1,5 +1,5 @@
-"""Valid checkpoints in every format zsclip reads, made from one tiny random model, for the tests that
-damage them (tests/test_core_hostile_checkpoints.py, tests/test_core_checkpoint_fuzz.py).
+"""Valid checkpoints in every format zsclip reads, made from one tiny random model, for the tests
+that damage them (tests/test_core_hostile_checkpoints.py, tests/test_core_checkpoint_fuzz.py).
 
 Each foreign file sits in its own folder beside a vocab.json + merges.txt of the model's small
 vocabulary, so that loading needs nothing from the network or the cache. The Hugging Face folder is

@@ -1,7 +1,7 @@
 """Fuzzing the checkpoint readers: random bytes, and random damage to valid files of every format
-(zsclip .safetensors, an OpenAI state dict written by torch.save, a TorchScript archive, a Hugging Face
-folder), must load or fail with one UserError line: never another exception, never a hang, never a
-runaway allocation.
+(zsclip .safetensors, an OpenAI state dict written by torch.save, a TorchScript archive, a Hugging
+Face folder), must load or fail with one UserError line: never another exception, never a hang,
+never a runaway allocation.
 
 Damage goes where each reader looks: bytes anywhere (mostly near the ends, where headers and zip
 directories are), the contents of one zip member rewritten with a valid CRC (so data.pkl reaches the
@@ -104,7 +104,7 @@ _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),  # fmt: skip
+    ),
     max_leaves=6,
 )
 
@@ -163,7 +163,7 @@ def _set_json(value, draw):
     return out
 
 
-# ------------------------------------------------------------------------------------------- tests
+# -------------------------------------------------------------------------------------------- tests
 
 _PREFIXES = [
     b"",

@@ -1,5 +1,5 @@
-"""Hostile checkpoints: each costs one UserError line (exit 2 from the CLI), nothing in them runs, and
-nothing they merely claim is allocated or built.
+"""Hostile checkpoints: each costs one UserError line (exit 2 from the CLI), nothing in them runs,
+and nothing they merely claim is allocated or built.
 
 Zip archives (torch.save and TorchScript): bombs, members whose size differs from what data.pkl
 declares, names outside the archive. zsclip headers and foreign configs that lie about the model:
@@ -47,8 +47,13 @@ def _refused(path: Path, match: str) -> str:
     return message
 
 
-def _rezip(src: Path, dst: Path, replace: dict[str, tuple[bytes, int]] | None = None, *,
-           compress: int | None = None) -> Path:  # fmt: skip
+def _rezip(
+    src: Path,
+    dst: Path,
+    replace: dict[str, tuple[bytes, int]] | None = None,
+    *,
+    compress: int | None = None,
+) -> Path:
     """Copy a zip archive member by member, replacing some (name -> (bytes, compression))."""
     replace = replace or {}
     with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
@@ -65,7 +70,7 @@ def _member(path: Path, suffix: str) -> str:
         return next(n for n in archive.namelist() if n.endswith(suffix))
 
 
-# ------------------------------------------------------------------------------------------- archives
+# ----------------------------------------------------------------------------------------- archives
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "openai"])
@@ -106,7 +111,7 @@ def test_stored_members_are_memory_mapped_not_read(formats):
 
 @pytest.mark.parametrize("kind", ["torchscript", "openai"])
 def test_a_rezipped_archive_with_compressed_members_loads_the_same(formats, tmp_path, kind):
-    # torch.load reads stored members straight from the file; read that way, deflated ones are noise.
+    # torch.load maps stored members straight from the file; read that way, deflated ones are noise.
     rezipped = _rezip(getattr(formats, kind), tmp_path / "model.pt", compress=8)
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((getattr(formats, kind).parent / name).read_bytes())
@@ -155,7 +160,7 @@ def test_torchscript_whose_data_pkl_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-# ------------------------------------------------------------------------------------------- configs
+# ------------------------------------------------------------------------------------------ configs
 
 
 def _rewrite_zsclip(formats: Formats, dst: Path, edit_config=None, **header: str) -> Path:
@@ -217,7 +222,9 @@ def never_built(monkeypatch):
         (_set("quick_gelu", "yes"), r"quick_gelu must be true or false"),
     ],
 )
-def test_a_lying_config_is_named_before_the_model_is_built(formats, tmp_path, never_built, edit, match):  # fmt: skip
+def test_a_lying_config_is_named_before_the_model_is_built(
+    formats, tmp_path, never_built, edit, match
+):
     _refused(_rewrite_zsclip(formats, tmp_path / "lie.safetensors", edit), match)
 
 
@@ -232,13 +239,26 @@ def test_a_lying_config_is_named_before_the_model_is_built(formats, tmp_path, ne
         ({"preprocess": '{"image_size": 32, "interpolation": "magic"}'}, "interpolation"),
         ({"preprocess": "[32]"}, "preprocess entry must be a JSON object"),
         ({"tokenizer.context_length": "many"}, r"tokenizer\.context_length must be an integer"),
-        ({"tokenizer.context_length": "500"}, r"context length \(500\) must be between 2 and"),
+        ({"tokenizer.context_length": "1"}, r"tokenizer\.context_length must be an integer of at"),
         ({"tokenizer.vocab": "[1, 2]"}, r"tokenizer\.vocab must be a JSON object"),
         ({"tokenizer.vocab": '{"a": true}'}, r"tokenizer\.vocab must be a JSON object"),
     ],
 )
-def test_bad_preprocess_and_tokenizer_fields_are_named(formats, tmp_path, never_built, header, match):  # fmt: skip
+def test_bad_preprocess_and_tokenizer_fields_are_named(
+    formats, tmp_path, never_built, header, match
+):
     _refused(_rewrite_zsclip(formats, tmp_path / "lie.safetensors", **header), match)
+
+
+def test_a_context_length_beyond_the_model_is_cut_to_it(formats, tmp_path):
+    # zsclip itself saves tokenizers at the default 77 beside models of fewer positions.
+    stated = {"tokenizer.context_length": "500"}
+    path = _rewrite_zsclip(formats, tmp_path / "long.safetensors", **stated)
+    loaded = load_path(path)
+    assert loaded.tokenizer.context_length == loaded.model.config.text.context_length == 77
+    long_text = " ".join(["circle"] * 600)
+    with torch.no_grad():
+        assert loaded.model.encode_text(loaded.tokenizer([long_text])).shape == (1, 32)
 
 
 def test_weights_of_an_integer_dtype_are_refused(formats, tmp_path):
@@ -329,7 +349,7 @@ def test_the_files_these_tests_damage_load_intact(formats):
             assert torch.equal(loaded[key], tensor), (path, key)
 
 
-# ------------------------------------------------------------------------------------------- not a
+# -------------------------------------------------------------------------------------------- not a
 # checkpoint at all
 
 
@@ -357,7 +377,16 @@ def _not_checkpoints(tmp_path: Path, formats: Formats) -> dict[str, tuple[Path, 
     return cases
 
 
-CASES = ["empty.pt", "notes.pt", "random.bin", "photo.pt", "truncated.pt", "hf_bad_json", "hf_list", "devnull"]  # fmt: skip
+CASES = [
+    "empty.pt",
+    "notes.pt",
+    "random.bin",
+    "photo.pt",
+    "truncated.pt",
+    "hf_bad_json",
+    "hf_list",
+    "devnull",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

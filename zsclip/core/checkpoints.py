@@ -137,7 +137,7 @@ def _json_field(metadata: dict[str, str], key: str, where: str) -> Any:
 
 
 def _preprocess(data: Any, where: str, config: CLIPConfig) -> PreprocessConfig:
-    """The preprocessing a checkpoint states, checked: known fields, sane values, the model's size."""
+    """The preprocessing a checkpoint states, checked: known fields, sane values, the model size."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: the preprocess entry must be a JSON object")
     try:
@@ -165,24 +165,17 @@ class _Read:
     metadata: dict[str, str]
 
 
-def _check_tokenizer(tokenizer: Tokenizer, read: _Read, where: str) -> None:
-    """The tokenizer must fit the model: no id beyond its embedding, no text longer than its
-    positional embedding. A context length the checkpoint states is checked; one that came with a
-    vocabulary from elsewhere (--vocab, files beside a foreign checkpoint) is cut to the model's."""
-    config = read.config
-    if "tokenizer.context_length" not in read.metadata:
-        tokenizer.context_length = min(tokenizer.context_length, config.text.context_length)
+def _fit_tokenizer(tokenizer: Tokenizer, config: CLIPConfig, where: str) -> None:
+    """The tokenizer must fit the model: no id beyond its embedding table. Texts longer than its
+    positional embedding are cut to it (a tokenizer saved with the default 77 may serve a model of
+    32 positions)."""
     if tokenizer.vocab_size > config.text.vocab_size:
         raise UserError(
             f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model only "
             f"{config.text.vocab_size}; drop --vocab / unset ZSCLIP_VOCAB for this model, "
             f"or pass the vocabulary it was trained with"
         )
-    if not 2 <= tokenizer.context_length <= config.text.context_length:
-        raise UserError(
-            f"{where}: the tokenizer's context length ({tokenizer.context_length}) must be "
-            f"between 2 and the model's text.context_length ({config.text.context_length})"
-        )
+    tokenizer.context_length = min(tokenizer.context_length, config.text.context_length)
 
 
 def _read_zsclip(path: Path, metadata: dict[str, str]) -> _Read:
@@ -245,7 +238,7 @@ def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
     tokenizer = tokenizer_for_checkpoint(
         read.metadata, vocab, path if path.is_dir() else path.parent
     )
-    _check_tokenizer(tokenizer, read, str(path))
+    _fit_tokenizer(tokenizer, read.config, str(path))
     model = _instantiate(read.config, read.state_dict)
     builtin = path.resolve().parent == weights_dir().resolve()
     return LoadedModel(

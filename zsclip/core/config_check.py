@@ -33,7 +33,7 @@ class Dim:
 Shape = tuple[Dim, ...]
 
 
-# ------------------------------------------------------------------------------------------- parsing
+# ------------------------------------------------------------------------------------------ parsing
 
 _INT_FIELDS = {
     "vision": ("image_size", "width", "heads", "patch_size"),
@@ -98,7 +98,7 @@ def _ratio(value: Any, field: str, where: str) -> None:
 
 
 def config_from_dict(data: Any, where: str) -> CLIPConfig:
-    """A zsclip checkpoint's config, parsed strictly: every field present, known, typed and in range."""
+    """A zsclip checkpoint's config, parsed strictly: each field present, known, typed, in range."""
     data = _section(data, "", CLIPConfig, where)
     _positive_int(data["embed_dim"], "embed_dim", where)
     if not isinstance(data["quick_gelu"], bool):
@@ -256,7 +256,7 @@ def expected_shapes(config: CLIPConfig) -> dict[str, Shape]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- matching
+# ----------------------------------------------------------------------------------------- matching
 
 
 def _blocks(keys: list[str], prefix: str) -> int:
@@ -317,10 +317,8 @@ def check_shapes(
         actual, wanted = tuple(shapes[key]), tuple(d.size for d in dims)
         if actual != wanted:
             field = _culprit(dims, actual)
-            raise fail(
-                field,
-                f"does not match the weights: {key} has shape {actual}, the config implies {wanted}",
-            )
+            problem = f"does not match the weights: {key} has shape {actual}, the config implies"
+            raise fail(field, f"{problem} {wanted}")
 
 
 def _culprit(dims: Shape, actual: tuple[int, ...]) -> str:

@@ -93,7 +93,7 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def _size(sd: dict[str, torch.Tensor], key: str, ndim: int, dim: int) -> int:
-    """One dimension of a tensor the architecture is read from, which must exist and be non-empty."""
+    """One dimension of a tensor the architecture is read from (it must exist and be non-empty)."""
     tensor = sd.get(key)
     if tensor is None:
         raise UserError(f"not a CLIP checkpoint: it lacks {key!r}")
@@ -169,7 +169,7 @@ _INFERRED_NAMES = {  # where infer_config read each field
 
 
 def _apply_open_clip_config(config: CLIPConfig, path: Path, names: dict[str, str]) -> dict:
-    """Honour open_clip_config.json (activation, head counts, preprocessing) beside an OpenCLIP file."""
+    """Honour open_clip_config.json beside an OpenCLIP file (activation, heads, mean and std)."""
     data = _json_object(path)
 
     def section(parent: dict, key: str, default: Any) -> dict:
@@ -197,7 +197,7 @@ def _apply_open_clip_config(config: CLIPConfig, path: Path, names: dict[str, str
 
 
 def read_openai_or_openclip(path: Path, obj: Any) -> ForeignCheckpoint:
-    """An OpenAI or OpenCLIP checkpoint already read by `read_torch_file` (or a safetensors dict)."""
+    """An OpenAI or OpenCLIP checkpoint already read by `read_torch_file` (or from safetensors)."""
     wrapped = isinstance(obj, dict) and (
         "state_dict" in obj or any(str(k).startswith("module.") for k in obj)
     )
@@ -220,7 +220,7 @@ def read_openai_or_openclip(path: Path, obj: Any) -> ForeignCheckpoint:
     return ForeignCheckpoint(state_dict, config, source, preprocess, names)
 
 
-# ------------------------------------------------------------------------------------------- Hugging
+# ------------------------------------------------------------------------------------------ Hugging
 # Face
 
 
@@ -295,8 +295,8 @@ def hf_config_to_ours(hf: dict[str, Any], where: str = "config.json") -> CLIPCon
 
 
 class _Taker:
-    """Reads tensors from a Hugging Face state dict by name, checking their dimensions, and remembers
-    which were read, so that weights nothing used can be reported."""
+    """Reads tensors from a Hugging Face state dict by name, checking their dimensions, and
+    remembers which were read, so that weights nothing used can be reported."""
 
     def __init__(self, sd: dict[str, torch.Tensor], where: str) -> None:
         self.sd, self.where, self.used = sd, where, set()

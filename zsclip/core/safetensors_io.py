@@ -75,7 +75,7 @@ def write_safetensors(
             handle.write(_raw_bytes(tensor))
 
 
-# ------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------ reading
 
 
 def _unreadable(path: Path | str, err: BaseException) -> UserError:

@@ -54,7 +54,7 @@ _MAGIC = (  # what a file that is not a checkpoint most often is
 )
 
 
-# ------------------------------------------------------------------------------------------- sniffing
+# ----------------------------------------------------------------------------------------- sniffing
 
 
 def sniff(path: Path) -> str:
@@ -92,7 +92,7 @@ def not_a_checkpoint(path: Path, what: str) -> UserError:
     return UserError(f"{path}: not a checkpoint ({what}); {FORMATS}")
 
 
-# ------------------------------------------------------------------------------------------- archives
+# ----------------------------------------------------------------------------------------- archives
 
 
 def open_archive(path: Path) -> zipfile.ZipFile:
@@ -183,7 +183,7 @@ def _data_offset(mapped: mmap.mmap, info: zipfile.ZipInfo) -> int:
     return start + 30 + name_len + extra_len
 
 
-# ------------------------------------------------------------------------------------------- TorchScript
+# -------------------------------------------------------------------------------------- TorchScript
 
 
 _STORAGE_DTYPES = {
@@ -236,8 +236,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_ignored
 
 
 class _TorchScriptUnpickler(pickle.Unpickler):
-    """Reads data.pkl of a TorchScript archive: module objects become plain attribute holders, tensors
-    are views of the archive's data/ members, and any other global is refused."""
+    """Reads data.pkl of a TorchScript archive: module objects become plain attribute holders,
+    tensors are views of the archive's data/ members, and any other global is refused."""
 
     def __init__(self, data: bytes, load_storage) -> None:
         super().__init__(io.BytesIO(data))
@@ -355,14 +355,14 @@ def read_torchscript(path: Path, archive: zipfile.ZipFile, prefix: str) -> dict[
             f"model's weights (nothing was run); re-save it as a state dict or .safetensors with "
             f"a trusted tool"
         ) from None
-    except Exception as err:  # noqa: BLE001 - only allow-listed callables ran: any failure is damage
+    except Exception as err:  # noqa: BLE001 - only allow-listed callables ran: failures are damage
         raise UserError(f"{path}: a damaged TorchScript archive ({_one_line(err)})") from None
     if not isinstance(root, _ScriptModule):
         raise UserError(f"{path}: a TorchScript archive whose data.pkl holds no module")
     return _collect_tensors(root)
 
 
-# ------------------------------------------------------------------------------------------- torch.load
+# --------------------------------------------------------------------------------------- torch.load
 
 
 def _one_line(err: BaseException) -> str:
