@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tracemalloc
 import warnings
 import zipfile
@@ -138,6 +140,41 @@ def test_a_member_named_twice_is_refused(formats, tmp_path):
         with zipfile.ZipFile(bad, "a") as archive:
             archive.writestr(_member(bad, "data/0"), b"\x00" * 16)
     _refused(bad, "holds .* twice")
+
+
+def test_a_pickle_memo_index_cannot_claim_memory(formats, tmp_path):
+    # The C unpickler sizes its memo array by the largest index a PUT names: five bytes of data.pkl
+    # (found by the fuzz test) asked for 12 GB. Here: push None, memo it at index 2^27, pop.
+    name = _member(formats.torchscript, "data.pkl")
+    with zipfile.ZipFile(formats.torchscript) as archive:
+        data = archive.read(name)
+    assert data[:2] == b"\x80\x02"
+    bomb = data[:2] + b"Nr" + (1 << 27).to_bytes(4, "little") + b"0" + data[2:]
+    model = tmp_path / "model.pt"
+    _rezip(formats.torchscript, model, {name: (bomb, 0)})
+    script = (
+        "import os, resource, sys, torch; from pathlib import Path; "
+        "from zsclip.core.torch_files import read_torch_file; "
+        "t = read_torch_file(Path(sys.argv[1])); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, len(t))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(model)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-500:]
+    peak, count = map(int, result.stdout.split())
+    assert count == len(formats.state_dict)
+    assert peak < 1 << 30, f"peak RSS {peak:,} bytes"  # 2^27 slots of 8 bytes would be 1 GiB+
+
+
+def test_a_zip_version_python_cannot_read_is_one_line(formats, tmp_path):
+    bad = tmp_path / "model.pt"
+    with zipfile.ZipFile(formats.openai) as old, zipfile.ZipFile(bad, "w") as new:
+        for info in old.infolist():
+            entry = zipfile.ZipInfo(info.filename)
+            entry.extract_version = 64  # "zip file version 6.4": zipfile raises NotImplementedError
+            new.writestr(entry, old.read(info))
+    _refused(bad, "damaged zip archive")
 
 
 class _Payload:

@@ -100,7 +100,7 @@ def open_archive(path: Path) -> zipfile.ZipFile:
     encryption, sizes inside the file, and no member set that would expand like a zip bomb."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as err:
         raise UserError(f"{path}: a damaged zip archive ({_one_line(err)})") from None
     try:
         _check_directory(path, archive)
@@ -166,7 +166,14 @@ def _read_pickle_member(path: Path, archive: zipfile.ZipFile, name: str) -> byte
     try:
         with archive.open(info) as handle:
             return handle.read(MAX_PICKLE_BYTES)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        zlib.error,
+    ) as err:
         raise UserError(
             f"{path}: a damaged zip archive ({name[:80]!r}: {_one_line(err)})"
         ) from None
@@ -235,9 +242,13 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_ignored
     return storage.as_strided(size, stride, offset)
 
 
-class _TorchScriptUnpickler(pickle.Unpickler):
+class _TorchScriptUnpickler(pickle._Unpickler):
     """Reads data.pkl of a TorchScript archive: module objects become plain attribute holders,
-    tensors are views of the archive's data/ members, and any other global is refused."""
+    tensors are views of the archive's data/ members, and any other global is refused.
+
+    Python's own implementation, not the C one: the C unpickler keeps its memo in an array sized by
+    the largest index a PUT opcode names, so five bytes of data.pkl can ask for gigabytes.
+    """
 
     def __init__(self, data: bytes, load_storage) -> None:
         super().__init__(io.BytesIO(data))
