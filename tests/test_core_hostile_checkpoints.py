@@ -270,6 +270,8 @@ def test_a_lying_config_is_named_before_the_model_is_built(
     [
         ({"config": "[]"}, "must be a JSON object"),
         ({"config": "{"}, "'config' entry is not valid JSON"),
+        ({"config": "[" * 100_000 + "]" * 100_000}, "'config' entry is not valid JSON"),
+        ({"tokenizer.vocab": "[" * 100_000}, r"tokenizer\.vocab must be a JSON object"),
         ({"preprocess": '{"image_size": 64}'}, r"preprocess field image_size \(64\) differs"),
         ({"preprocess": '{"image_size": 32, "std": [0, 1, 1]}'}, "bad preprocess field"),
         ({"preprocess": '{"image_size": 32, "mean": [NaN, 0, 0]}'}, "must be finite"),
@@ -343,6 +345,12 @@ def test_hf_config_that_declares_fewer_layers_than_the_weights_hold(formats, tmp
 )
 def test_a_lying_hf_config_is_named(formats, tmp_path, never_built, edit, match):
     _refused(_hf_folder(formats, tmp_path / "hf", edit), match)
+
+
+def test_an_hf_config_nested_deeper_than_python_goes_is_one_line(formats, tmp_path):
+    folder = _hf_folder(formats, tmp_path / "hf")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    _refused(folder, "not a readable JSON file")
 
 
 def test_unused_weights_in_a_foreign_checkpoint_are_an_error(formats, tmp_path):

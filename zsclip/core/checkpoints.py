@@ -132,7 +132,7 @@ def _json_field(metadata: dict[str, str], key: str, where: str) -> Any:
         raise UserError(f"{where}: the zsclip header lacks its {key!r} entry")
     try:
         return json.loads(metadata[key])
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than Python goes
         raise UserError(f"{where}: the header's {key!r} entry is not valid JSON ({err})") from None
 
 

@@ -46,7 +46,7 @@ class ForeignCheckpoint:
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
         detail = " ".join(str(err).split())[:120]
         raise UserError(f"{file}: not a readable JSON file ({detail})") from None
 

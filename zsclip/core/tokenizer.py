@@ -192,7 +192,7 @@ def _stored_vocab(text: str) -> dict[str, int]:
     """A vocabulary stored in checkpoint metadata: a JSON object of symbols to non-negative ids."""
     try:
         encoder = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
         encoder = None
     if not isinstance(encoder, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in encoder.values()
