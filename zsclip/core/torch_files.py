@@ -299,8 +299,8 @@ class _StorageReader:
     """Tensors for data/ members: memory-mapped when stored, decompressed into one buffer of the
     declared size when deflated; either way only after the member's size matches the declaration."""
 
-    def __init__(self, path: Path, archive: zipfile.ZipFile, prefix: str, mapped: mmap.mmap):
-        self.path, self.archive, self.prefix, self.mapped = path, archive, prefix, mapped
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, mapped: mmap.mmap) -> None:
+        self.archive, self.prefix, self.mapped = archive, prefix, mapped
 
     def __call__(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         name = f"{self.prefix}data/{key}"
@@ -358,7 +358,7 @@ def read_torchscript(path: Path, archive: zipfile.ZipFile, prefix: str) -> dict[
         # Copy-on-write: tensors may be changed in place (fine-tuning) without touching the file.
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
-        reader = _StorageReader(path, archive, prefix, mapped)
+        reader = _StorageReader(archive, prefix, mapped)
         root = _TorchScriptUnpickler(data, reader).load()
     except _Refused as err:
         raise UserError(
