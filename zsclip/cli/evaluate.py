@@ -148,7 +148,7 @@ def _render(result: dict, fmt: str) -> None:
     import sys
 
     if fmt == "json":
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(_rounded(result)) + "\n")
         return
     from rich.table import Table
 
@@ -158,6 +158,17 @@ def _render(result: dict, fmt: str) -> None:
     for key, value in result.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     stdout_console().print(table)
+
+
+def _rounded(value: Any) -> Any:
+    """Figures to 6 decimals (float32 sums carry ~7 digits): 0.055, not 0.054999999701976776."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value
 
 
 def register(app: typer.Typer) -> None:
