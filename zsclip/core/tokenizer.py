@@ -295,7 +295,7 @@ class Tokenizer:
             merges = _parse_merges(
                 Path(merges_txt).read_text(encoding="utf-8").splitlines(), str(merges_txt)
             )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise UserError(f"cannot read {vocab_json} + {merges_txt}: {exc}") from exc
         if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
             raise UserError(f"{vocab_json} is not a token -> id mapping")
