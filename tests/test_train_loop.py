@@ -98,7 +98,9 @@ def test_a_byte_order_mark_does_not_hide_the_header(tmp_path):
     bom = "\ufeff"
     (tmp_path / "p.tsv").write_text(f"{bom}image\tcaption\na.png\tx\n", encoding="utf-8")
     (tmp_path / "p.csv").write_text(f"{bom}image,caption\na.png,x\n", encoding="utf-8")
-    (tmp_path / "p.jsonl").write_text(f'{bom}{{"image": "a.png", "caption": "x"}}\n', encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text(
+        f'{bom}{{"image": "a.png", "caption": "x"}}\n', encoding="utf-8"
+    )
     for name in ("p.tsv", "p.csv", "p.jsonl"):
         pairs, problems = pairs_data.read_pairs(tmp_path / name)
         assert problems == [] and len(pairs) == 1, name
@@ -292,12 +294,21 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path, monkeypat
         assert all(torch.isfinite(handle.get_tensor(k)).all() for k in handle.keys())
 
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (35, 55, 215), "yellow": (235, 215, 0)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (35, 55, 215),
+    "yellow": (235, 215, 0),
+}
 TEMPLATES = "a {} picture\na picture that is {}.\n"  # the first is the captions' own phrasing
 
 
 @pytest.fixture(scope="module")
 def colour_world(tmp_path_factory) -> Path:
+    return colour_world_at(tmp_path_factory.mktemp("colours"))
+
+
+def colour_world_at(root: Path) -> Path:
     """48 noisy flat-colour images, 12 per colour, captioned 'a red picture': a task the tiny preset
     learns in about 40 steps (the loss falls from ln 8 towards ln 2, the floor when each batch of 8
     holds about two images of each colour)."""
@@ -305,7 +316,7 @@ def colour_world(tmp_path_factory) -> Path:
 
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("colours")
+    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     rows = []
     for i in range(48):

@@ -16,7 +16,6 @@ from zsclip.cli._options import (
     PrecisionOpt,
     QuietOpt,
     VocabOpt,
-    WorkersOpt,
 )
 
 EPILOG = """\b
@@ -72,7 +71,15 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 256,
-    workers: WorkersOpt = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Image-decoding processes beside this one (0: decode in this process).",
+        ),
+    ] = 0,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
@@ -99,18 +106,31 @@ def eval_command(
         task: Any = evaluate.ZeroShotSet.from_folder(folder, labels, None)
         total = len(task.items)
     else:
-        from zsclip.train import data
-
-        task = data.load_pairs(pairs)
+        task = _load_pairs(pairs)
         total = len(task)
     options = {
         "device": device,
         "precision": precision,
         "batch_size": batch_size,
-        "workers": workers or 0,
+        "workers": workers,
     }
     result = _measure(task, templates, _load(model, vocab, device, offline), options, total, quiet)
     _render(result, fmt)
+
+
+def _load_pairs(pairs: Path) -> list:
+    """The pairs of --pairs, every image decoded once; problems listed by line, then one error."""
+    from zsclip.cli._output import error_line
+    from zsclip.train import data
+
+    try:
+        return data.load_pairs(pairs, option="--pairs", hint="fix or remove those rows")
+    except data.DataError as err:
+        for problem in err.problems[: data.SHOWN_PROBLEMS]:
+            error_line(problem)
+        if len(err.problems) > data.SHOWN_PROBLEMS:
+            error_line(f"... and {len(err.problems) - data.SHOWN_PROBLEMS} more")
+        raise
 
 
 def _load(model: str | None, vocab: Path | None, device: str, offline: bool) -> Any:

@@ -156,7 +156,7 @@ class Run:
                 f"the run is at step {self.step}, past the end that --epochs "
                 f"{config.epochs} sets ({self.total_steps}); give a larger --epochs or --steps"
             )
-        if config.warmup > self.total_steps:
+        if config.warmup > self.total_steps and self.step == 0:
             hooks.warn(
                 f"--warmup {config.warmup} is longer than the run ({self.total_steps} steps): the "
                 f"learning rate rises all the way and reaches --lr {config.lr:g} only at the last "

@@ -55,7 +55,7 @@ def setup(
     source = str(out / ts.STATE_FILE)
     state = ts.unpack(*parts, source) if parts is not None else None
     if state is not None:
-        config = resumed_config(config, state, frozenset(given or ()), hooks)
+        config = resumed_config(config, state, frozenset(given or ()), hooks, source)
         check_config(config)
     dtype = resolve_precision(config.precision, device)
     if state is None:
@@ -194,11 +194,13 @@ def _check_standard_vocab(preset: str) -> None:
     )
 
 
-def resumed_config(given_config: Any, state: dict, given: frozenset[str], hooks: Any) -> Any:
+def resumed_config(
+    given_config: Any, state: dict, given: frozenset[str], hooks: Any, source: str
+) -> Any:
     """The saved configuration, with the runtime options of this invocation, and the overrides of
     RESUME_OVERRIDES among the fields in `given` (the options set on purpose). Other options given
     with a value unlike the saved one are named in a warning: they are ignored."""
-    saved = _saved_config(type(given_config), state["config"])
+    saved = _saved_config(type(given_config), state["config"], source)
     for name in RUNTIME_FIELDS:
         saved[name] = getattr(given_config, name)
     if "steps" in given or "epochs" in given:
@@ -229,7 +231,7 @@ def _check_new_end(given_config: Any, step: int, given: frozenset[str]) -> None:
         )
 
 
-def _saved_config(cls: type, saved: dict) -> dict[str, Any]:
+def _saved_config(cls: type, saved: dict, source: str) -> dict[str, Any]:
     """The saved configuration's fields, each checked against its annotation (a state file is
     input like any other)."""
     values = {}
@@ -244,7 +246,7 @@ def _saved_config(cls: type, saved: dict) -> dict[str, Any]:
             for option in options
         )
         if not fits:
-            raise ts.damaged_state("the training state", f"its {spec.name!r} is {value!r}")
+            raise ts.damaged_state(source, f"its {spec.name!r} is {str(value)[:40]!r}")
         values[spec.name] = value
     return values
 
@@ -475,7 +477,9 @@ def _open_log(out: Path, config: Any, state: dict | None, step: int, n_pairs: in
             "step": step,
             "world_size": config.world_size,
             "workers": config.workers,
-            "config": asdict(config),  # the configuration this stretch runs with (--steps may differ)
+            "config": asdict(
+                config
+            ),  # the configuration this stretch runs with (--steps may differ)
         }
     )
     return log

@@ -140,7 +140,11 @@ def unpack(plain: Any, tensors: dict[str, torch.Tensor], source: str) -> dict[st
 
 
 def damaged_state(source: str, reason: str) -> DamagedState:
-    return DamagedState(f"{source} is damaged ({reason}); start a new run in another folder")
+    model = Path(source).parent / MODEL_FILE
+    return DamagedState(
+        f"{source} is damaged ({reason}) and cannot be resumed; start a new run in another "
+        f"folder, or fine-tune the last model with --model {model}"
+    )
 
 
 def _rng(plain: Any, tensors: dict[str, Any], damaged: Any) -> dict[str, Any]:
@@ -201,7 +205,7 @@ def read_state_parts(out: Path) -> tuple[Any, dict[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != STATE_FORMAT:
-                raise DamagedState(f"{path} is not a zsclip training state; start a new run")
+                raise damaged_state(str(path), "not a zsclip training state")
             if metadata.get("version") != str(STATE_VERSION):
                 raise DamagedState(
                     f"{path} is a version {metadata.get('version')!r} training state; this zsclip "
@@ -212,9 +216,7 @@ def read_state_parts(out: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     except DamagedState:
         raise
     except Exception as err:  # the safetensors reader and json raise several types for bad bytes
-        raise DamagedState(
-            f"{path} is damaged ({type(err).__name__}); start a new run in another folder"
-        ) from None
+        raise damaged_state(str(path), type(err).__name__) from None
     return plain, tensors
 
 
