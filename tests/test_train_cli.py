@@ -73,7 +73,7 @@ def test_weight_decay_must_be_a_number(tmp_path):
 
 
 def test_an_unknown_model_names_the_presets(tmp_path):
-    from zsclip.core.model import PRESETS
+    from zsclip.core.presets import PRESETS
 
     args = ["train", "--data", str(unreadable_world(tmp_path)), "--output", str(tmp_path / "r")]
     line = error(run_cli([*args, "--model", "nosuchpreset"]))
@@ -98,7 +98,7 @@ def test_data_is_required_to_start(tmp_path):
 
 def test_the_presets_are_listed(tmp_path):
     from zsclip.cli.train import PRESET_NAMES
-    from zsclip.core.model import PRESETS
+    from zsclip.core.presets import PRESETS
 
     assert PRESET_NAMES == tuple(PRESETS)  # the help's copy of the registry's names
     table = run_cli(["models", "--presets"])

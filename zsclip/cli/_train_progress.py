@@ -8,13 +8,14 @@ from typing import Any, Iterator
 
 from zsclip.cli._output import error_line, note, stderr_console, stderr_is_terminal, warn
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# the stop signals and the exit status of a run they stopped (128 + the signal's number)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[dict]:
-    """Ctrl-C / SIGTERM ask the loop to save and stop after the current step; a second Ctrl-C aborts at
-    once."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) ask the loop to save and stop after the current
+    step; a second Ctrl-C aborts at once. A signal the caller ignores (nohup) stays ignored."""
     received: dict[str, Any] = {"signal": None}
 
     def handler(signum: int, frame: Any) -> None:
@@ -22,7 +23,11 @@ def stop_on_signals() -> Iterator[dict]:
             raise KeyboardInterrupt
         received["signal"] = signum
 
-    previous = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig in EXIT_CODES
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield received
     finally:
@@ -33,7 +38,7 @@ def stop_on_signals() -> Iterator[dict]:
 def run_training(
     config: Any, *, resume: bool, quiet: bool, given: frozenset[str] = frozenset()
 ) -> int:
-    """Run the job; returns the exit code (0 done, 130/143 stopped by a signal after saving).
+    """Run the job; returns the exit code (0 done, 130/143/129 stopped by a signal after saving).
 
     Under torchrun only rank 0 shows progress, notes, warnings and the errors it found for all
     (the other ranks exit with the same code, silently); every process leaves the process group.

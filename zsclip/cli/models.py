@@ -201,7 +201,8 @@ def preset_rows() -> list[dict]:
     configuration names (`train --vocab-size N` or the standard vocabulary change the text embedding)."""
     import torch
 
-    from zsclip.core.model import CLIP, PRESETS
+    from zsclip.core.model import CLIP
+    from zsclip.core.presets import PRESETS
 
     rows = []
     for name, config in PRESETS.items():

@@ -9,7 +9,7 @@ import typer
 
 from zsclip.cli._options import BatchSizeOpt, DeviceOpt, PrecisionOpt, QuietOpt
 
-# The registry's names (zsclip.core.model.PRESETS), written out so that `--help` imports no torch;
+# The registry's names (zsclip.core.presets.PRESETS), written out so that `--help` imports no torch;
 # tests/test_train_loop.py checks that the two agree.
 PRESET_NAMES = (
     "RN50",

@@ -33,6 +33,9 @@ from zsclip.paths import cache_dir
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.core.checkpoints import LoadedModel
+    from zsclip.jobs.pipeline import DecodeOptions
+
 Warn = Callable[[str], None]
 
 IMAGE_DB = "images.sqlite3"
@@ -41,7 +44,7 @@ _LOOKUP_CHUNK = 500  # paths per SELECT ... IN (...): well under SQLite's variab
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     variant  TEXT    NOT NULL,  -- model file + preprocessing + precision (see image_variant)
-    path     TEXT    NOT NULL,  -- absolute path of the image
+    path     TEXT    NOT NULL,  -- absolute path of the image (a BLOB of its bytes when not UTF-8)
     size     INTEGER NOT NULL,  -- st_size when it was encoded
     mtime_ns INTEGER NOT NULL,  -- st_mtime_ns when it was encoded
     vector   BLOB    NOT NULL,  -- float32, native byte order, unit length
@@ -175,6 +178,17 @@ def stamp(path: str) -> Optional[FileStamp]:
     return FileStamp(os.path.abspath(path), info.st_size, info.st_mtime_ns)
 
 
+def _path_key(path: str) -> str | bytes:
+    """How a path is stored: as text, or, when its name is not valid UTF-8 (Python carries those bytes
+    as surrogates), as its exact bytes. SQLite keeps a BLOB as is even in a TEXT column, and a BLOB
+    never equals a text, so the two cannot collide."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
 def vector_to_blob(values: Sequence[float]) -> bytes:
     return array("f", values).tobytes()
 
@@ -239,16 +253,18 @@ class ImageCache:
         if connection is None or not wanted:
             return {}
         found: dict[str, array] = {}
-        paths = list(wanted)
+        by_key = {_path_key(path): path for path in wanted}
+        keys = list(by_key)
         try:
-            for start in range(0, len(paths), _LOOKUP_CHUNK):
-                chunk = paths[start : start + _LOOKUP_CHUNK]
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                chunk = keys[start : start + _LOOKUP_CHUNK]
                 rows = connection.execute(
                     f"SELECT path, size, mtime_ns, vector FROM images WHERE variant = ? "
                     f"AND path IN ({','.join('?' * len(chunk))})",
                     [self.variant, *chunk],
                 ).fetchall()
-                for path, size, mtime_ns, blob in rows:
+                for key, size, mtime_ns, blob in rows:
+                    path = by_key[key]
                     current = wanted[path]
                     if current.size == size and current.mtime_ns == mtime_ns:
                         found[path] = blob_to_vector(blob)
@@ -263,7 +279,7 @@ class ImageCache:
         connection = self._connect()
         if connection is None or not entries:
             return
-        rows = [(self.variant, s.path, s.size, s.mtime_ns, blob) for s, blob in entries]
+        rows = [(self.variant, _path_key(s.path), s.size, s.mtime_ns, blob) for s, blob in entries]
         try:
             connection.execute(
                 "BEGIN IMMEDIATE"
@@ -282,3 +298,26 @@ class ImageCache:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def image_cache_for(
+    loaded: "LoadedModel",
+    decode: "DecodeOptions",
+    dtype: "torch.dtype",
+    *,
+    enabled: bool = True,
+    warn: Warn = lambda message: None,
+) -> "ImageCache | None":
+    """The image-embedding cache for this model, preprocessing and precision; None when disabled or
+    when the model has no file to identify it by."""
+    if not enabled:
+        return None
+    from zsclip.core.devices import precision_name
+
+    model_id = model_identity(loaded.path)
+    if model_id is None:
+        return None
+    variant = image_variant(
+        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
+    )
+    return ImageCache(variant, warn=warn)

@@ -151,7 +151,7 @@ def check_config(config: Any) -> None:
 
 def _check_model_choice(config: Any) -> None:
     """Before any image is read: the --model name means something, and a preset has a tokenizer."""
-    from zsclip.core.model import PRESETS, canonical_preset_name
+    from zsclip.core.presets import PRESETS, canonical_preset_name
 
     if canonical_preset_name(config.model) is not None:
         if config.vocab_size is None:
@@ -316,9 +316,10 @@ def _zeroshot(config: Any, metadata: dict[str, str]) -> Any:
 def _new_model(
     config: Any, captions: list[str], hooks: Any
 ) -> tuple[Any, Any, Any, dict[str, str]]:
-    from zsclip.core.model import build_model, canonical_preset_name, get_preset
-    from zsclip.core.tokenizer import find_vocab
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import canonical_preset_name, get_preset
     from zsclip.core.transform import PreprocessConfig
+    from zsclip.core.vocab import find_vocab
     from zsclip.train.bpe import train_bpe
 
     if canonical_preset_name(config.model) is None:  # a checkpoint: fine-tune it as it is
@@ -352,8 +353,9 @@ def _new_model(
 
 def _from_state(state: dict, source: str) -> tuple[Any, Any, Any, dict[str, str]]:
     """Model, tokenizer and preprocessing of a saved run; DamagedState for anything inconsistent."""
-    from zsclip.core.tokenizer import NeedsStandardVocab, Tokenizer, find_vocab
+    from zsclip.core.tokenizer import NeedsStandardVocab, Tokenizer
     from zsclip.core.transform import PreprocessConfig
+    from zsclip.core.vocab import find_vocab
 
     model = _model_from_state(state, source)
     try:
@@ -382,7 +384,8 @@ def _from_state(state: dict, source: str) -> tuple[Any, Any, Any, dict[str, str]
 def _model_from_state(state: dict, source: str) -> Any:
     """Build the saved architecture on the meta device (no memory) and adopt the saved tensors,
     after checking that their names, shapes and dtypes are exactly the architecture's."""
-    from zsclip.core.model import CLIP, CLIPConfig
+    from zsclip.core.model import CLIP
+    from zsclip.core.presets import CLIPConfig
 
     tensors = state["model"]
     try:
