@@ -53,16 +53,21 @@ class RunsShell:
 
 
 def copy_run(run_folder: Path, dest: Path) -> Path:
+    """A copy of the run (and of its data, beside it) that a test may damage."""
     import shutil
 
     shutil.copytree(run_folder / "run", dest)
+    if not (dest.parent / "world").exists():
+        shutil.copytree(run_folder / "world", dest.parent / "world")
     return dest
 
 
 def cli_resume(out: Path):
+    """`zsclip train --data ... --output OUT --resume`, as the run was started."""
     from cli_helpers import run_cli
 
-    return run_cli(["train", "--output", str(out), "--resume", "-q"])
+    data = out.parent / "world" / "train.tsv"
+    return run_cli(["train", "--data", str(data), "--output", str(out), "--resume", "-q"])
 
 
 def one_error_line(stderr: str) -> str:

@@ -144,7 +144,7 @@ def _check_fields(fields: list[str]) -> str | None:
 
 
 def check_images(pairs: list[Pair], source: Path) -> tuple[list[Pair], list[str]]:
-    """Keep the pairs whose image decodes completely, exactly as training decodes it
+    """Keep the pairs whose image decodes completely, as training decodes it
     (zsclip.core.transform.load_image: whole file, pixel limit, EXIF, RGB); report the others.
 
     A header alone passes truncated files and pixel floods, which would then stop training at its
@@ -184,7 +184,10 @@ def _image_problem(pair: Pair) -> str | None:
     if not pair.image.is_file() and not pair.image.is_symlink():
         return f"image not found: {pair.image}"
     try:
-        load_image(pair.image).close()
+        # draft_size=1: a JPEG is decoded at its smallest DCT scale. Every byte of the compressed
+        # stream is still read and entropy-decoded (a truncated or corrupt file fails as it would at
+        # full size); only the final inverse transform is smaller, several times faster for photos.
+        load_image(pair.image, draft_size=1).close()
     except InputError as err:
         return f"unreadable image {pair.image} ({err})"
     except Exception as err:  # noqa: BLE001 - a decoder bug must cost one row, not the run
