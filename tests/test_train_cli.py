@@ -189,3 +189,25 @@ def test_resume_with_epochs_replaces_a_step_count(world, tmp_path):
     assert again.code == 0, again.stderr
     assert [r["step"] for r in logged(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["epoch"] for r in logged(out)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_sighup_stops_a_run_like_sigterm_unless_ignored():
+    """A closed terminal (SIGHUP) saves and stops the run (exit 129); under nohup it stays ignored."""
+    import os
+    import signal
+
+    from zsclip.cli._train_progress import EXIT_CODES, stop_on_signals
+
+    assert EXIT_CODES[signal.SIGHUP] == 129
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with stop_on_signals() as received:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert received["signal"] == signal.SIGHUP
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        with stop_on_signals() as received:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert received["signal"] is None
+    finally:
+        signal.signal(signal.SIGHUP, previous)

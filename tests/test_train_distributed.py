@@ -466,3 +466,26 @@ def test_torchrun_cli_on_tar_shards(tmp_path) -> None:
     loaded = load_path(out / "model.safetensors")
     assert loaded.metadata["step"] == "3"
     assert all(torch.isfinite(t).all() for t in loaded.model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_torchrun_data_error_is_said_once_and_no_process_waits(world_data, tmp_path) -> None:
+    """Rank 0 checks the pairs file for everyone; its problems are listed once, and the other
+    process, which waits for rank 0's answer, exits too instead of hanging in the process group."""
+    rows = (world_data / "train.tsv").read_text().splitlines()
+    rows[5] = "nowhere.png\ta red circle."
+    (world_data / "bad.tsv").write_text("\n".join(rows) + "\n")  # image paths are relative to it
+    args = ["train", "--data", str(world_data / "bad.tsv"), "--output", str(tmp_path / "run")]
+    args += ["--model", "tiny", "--vocab-size", "600", "--batch-size", "4", "--steps", "2"]
+    done = torchrun(args, tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("zsclip: error:")]
+    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 2  # both ranks, status 2
+    assert errors == [
+        f"zsclip: error: bad.tsv:6: image not found: {world_data / 'nowhere.png'}",
+        f"zsclip: error: 1 problem(s) in {world_data / 'bad.tsv'} (listed above); fix them or pass "
+        "--skip-missing to train without those rows",
+    ], done.stderr
+    # torchrun itself reports a failed process with its own traceback; none comes from zsclip
+    frames = [line for line in done.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [frame for frame in frames if "/zsclip/" in frame], done.stderr
+    assert not (tmp_path / "run").exists()

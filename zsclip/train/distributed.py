@@ -24,6 +24,7 @@ well. So each rank calls backward on its own local mean, with no extra factor of
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -104,7 +105,10 @@ class World:
         else:
             buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
         dist.broadcast(buffer, src=0)
-        return obj if self.is_main else json.loads(bytes(buffer.cpu().tolist()).decode("utf-8"))
+        if self.is_main:
+            return obj
+        received = buffer.cpu().contiguous()  # [length] uint8
+        return json.loads(ctypes.string_at(received.data_ptr(), received.numel()).decode("utf-8"))
 
     def broadcast_tensors(
         self, tensors: dict[str, torch.Tensor] | None, device: torch.device | str = "cpu"
