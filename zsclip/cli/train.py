@@ -31,7 +31,10 @@ PRESET_NAMES = (
 def train_command(
     ctx: typer.Context,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Run folder: model, state, log, report.")
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="DIR", help="Run folder: model, state, log, report."
+        ),
     ],
     data: Annotated[
         Optional[Path],
