@@ -165,6 +165,7 @@ def test_label_classifier_is_cached_per_labels_and_templates(
 
 
 def test_a_damaged_cache_warns_and_the_run_goes_on(model: str, photos: Path, counted: dict) -> None:
+    """A file that is not a database: one warning naming the command that removes it."""
     database = Path(os.environ["ZSCLIP_CACHE"]) / "images.sqlite3"
     database.parent.mkdir(parents=True, exist_ok=True)
     database.write_bytes(b"this is not a database" * 100)
@@ -184,6 +185,68 @@ def test_a_damaged_cache_warns_and_the_run_goes_on(model: str, photos: Path, cou
     )
     assert run.code == 0 and len(run.stdout.splitlines()) == 5
     assert "image cache" in run.stderr and "continuing without it" in run.stderr
+    [line] = [line for line in run.stderr.splitlines() if "image cache" in line]  # said once
+    # ... with the command that removes it; running that command lets the next run start afresh
+    command = line.split("Remove it to start a new one: ", 1)[1]
+    assert command.startswith("rm -f ") and str(database) in command
+    subprocess.run(command, shell=True, check=True)
+    assert not database.exists()
+    classify(model, photos, "red,green")
+    assert counted["images"] == 10 and database.is_file()  # the new cache was filled
+    classify(model, photos, "red,green")
+    assert counted["images"] == 10
+
+
+def _damage_rows(database: Path) -> list[str]:
+    """Give two stored rows a damaged vector: one cut short, one full of NaN. Returns their paths."""
+    with sqlite3.connect(database) as connection:
+        (first, length), (second, _) = connection.execute(
+            "SELECT path, length(vector) FROM images ORDER BY path LIMIT 2"
+        ).fetchall()
+        nan = b"\x00\x00\xc0\x7f" * (length // 4)
+        connection.execute("UPDATE images SET vector = substr(vector, 1, 12) WHERE path = ?", [first])
+        connection.execute("UPDATE images SET vector = ? WHERE path = ?", [nan, second])
+    return [first, second]
+
+
+def test_damaged_cache_rows_are_dropped_recomputed_and_reported_once(
+    model: str, photos: Path, counted: dict
+) -> None:
+    """A row whose vector has the wrong length or is not finite is a miss: the image is encoded again
+    and its row replaced; one warning line says so. (It used to end the run with a ValueError.)"""
+    fresh = classify(model, photos, "red,green")
+    database = Path(os.environ["ZSCLIP_CACHE"]) / "images.sqlite3"
+    damaged = _damage_rows(database)
+    run = run_cli(
+        ["classify", str(photos), "--model", model, "-t", "simple", "--labels", "red,green",
+         "-f", "jsonl"]
+    )
+    assert run.code == 0, run.stderr
+    assert counted["images"] == 5 + 2  # only the damaged ones were encoded again
+    assert same_predictions([json.loads(line) for line in run.stdout.splitlines()], fresh)
+    warnings = [line for line in run.stderr.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and "computed again" in warnings[0]
+    assert any(path in warnings[0] for path in damaged)
+    classify(model, photos, "red,green")  # the replaced rows are good again
+    assert counted["images"] == 7
+
+
+def test_a_row_of_another_length_is_a_miss_for_the_model() -> None:
+    from zsclip.jobs.cache import FileStamp, ImageCache, vector_to_blob
+
+    warnings: list[str] = []
+    cache = ImageCache("v", Path(os.environ["ZSCLIP_CACHE"]), dim=4, warn=warnings.append)
+    good, short, long_, scaled = (FileStamp(f"/{name}.jpg", 1, 2) for name in "abcd")
+    cache.store(
+        [
+            (good, vector_to_blob([0.5, 0.5, 0.5, 0.5])),
+            (short, vector_to_blob([1.0, 0.0])),
+            (long_, vector_to_blob([1.0, 0, 0, 0, 0])),
+            (scaled, vector_to_blob([2.0, 0, 0, 0])),  # right length, not a unit vector
+        ]
+    )
+    found = cache.lookup([good, short, long_, scaled])
+    assert list(found) == ["/a.jpg"] and cache.damaged == 3 and len(warnings) == 1
 
 
 WRITER = textwrap.dedent("""
@@ -226,3 +289,85 @@ def test_two_processes_write_and_read_the_same_cache_at_once(tmp_path: Path) -> 
     assert all(
         length == 8 and size == int(path.split("/")[-1][:-4]) for path, size, _, length in rows
     )
+
+
+# ------------------------------------------------------------------------------------ read-only cache
+
+
+def _in_a_child_that_cannot_write(function) -> object:
+    """Run `function()` in a forked child and return its JSON-able result. Root ignores permission
+    bits, and the tests run as root in CI: there the child gives up root for the `nobody` user first,
+    so the cache's read-only file and folder really cannot be written, as for an ordinary user."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 0
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            payload = json.dumps({"result": function()})
+        except BaseException as err:  # noqa: BLE001 - report anything to the parent
+            payload, status = json.dumps({"error": repr(err)}), 1
+        os.write(write_end, payload.encode())
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    reply = json.loads(data)
+    assert "error" not in reply, reply
+    return reply["result"]
+
+
+@pytest.fixture
+def shared_cache(tmp_path: Path):
+    """A cache folder in a world-readable place (pytest's tmp_path is private to root) holding one
+    stored row; permissions are restored afterwards so it can be removed."""
+    import shutil
+    import tempfile
+
+    from zsclip.jobs.cache import FileStamp, ImageCache, vector_to_blob
+
+    folder = Path(tempfile.mkdtemp(prefix="zsclip-ro-cache-"))
+    cache = ImageCache("variant", folder, dim=2)
+    cache.store([(FileStamp("/photos/a.jpg", 10, 20), vector_to_blob([0.6, 0.8]))])
+    cache.close()
+    yield folder
+    folder.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def _read_and_try_to_store(folder: str) -> dict:
+    from zsclip.jobs.cache import FileStamp, ImageCache, vector_to_blob
+
+    warnings: list[str] = []
+    cache = ImageCache("variant", Path(folder), dim=2, warn=warnings.append)
+    stamp_a, stamp_b = FileStamp("/photos/a.jpg", 10, 20), FileStamp("/photos/b.jpg", 1, 2)
+    first = cache.lookup([stamp_a, stamp_b])
+    cache.store([(stamp_b, vector_to_blob([1.0, 0.0]))])  # cannot be stored: must not raise
+    again = cache.lookup([stamp_a])  # ... and must not stop the reading either
+    cache.close()
+    return {
+        "first": {path: list(vector) for path, vector in first.items()},
+        "again": list(again),
+        "warnings": warnings,
+        "read_only": cache.read_only,
+        "stored": cache.stored,
+    }
+
+
+@pytest.mark.parametrize("folder_writable", [False, True])
+def test_a_read_only_cache_is_still_read(shared_cache: Path, folder_writable: bool) -> None:
+    """A cache zsclip may not write (a read-only file, in a read-only folder or not): its rows are
+    used, nothing new is stored, one warning says so. (It used to be ignored altogether.)"""
+    database = shared_cache / "images.sqlite3"
+    database.chmod(0o444)
+    shared_cache.chmod(0o777 if folder_writable else 0o555)
+    outcome = _in_a_child_that_cannot_write(lambda: _read_and_try_to_store(str(shared_cache)))
+    assert outcome["first"] == {"/photos/a.jpg": [pytest.approx(0.6), pytest.approx(0.8)]}
+    assert outcome["again"] == ["/photos/a.jpg"]
+    assert outcome["read_only"] and outcome["stored"] == 0
+    assert len(outcome["warnings"]) == 1 and "cannot be written" in outcome["warnings"][0]

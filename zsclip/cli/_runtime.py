@@ -70,7 +70,7 @@ def image_cache(
     variant = image_variant(
         model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
     )
-    return ImageCache(variant, warn=warn)
+    return ImageCache(variant, warn=warn, dim=loaded.model.config.embed_dim)
 
 
 def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:
