@@ -84,7 +84,8 @@ def make_weights(work: Path) -> None:
     import torch
     from hf_convert import write_hf_folder
 
-    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import get_preset
     from zsclip.core.safetensors_io import write_safetensors
     from zsclip.core.tokenizer import Tokenizer
 

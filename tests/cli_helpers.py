@@ -60,7 +60,8 @@ def build_tiny_checkpoint(
     import torch
 
     from zsclip.core.checkpoints import save_checkpoint
-    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import get_preset
     from zsclip.core.transform import PreprocessConfig
     from zsclip.train.bpe import train_bpe
 

@@ -95,6 +95,7 @@ def test_unreadable_inputs_exit_1_and_the_rest_are_written(world: dict, tmp_path
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
     missing = str(tmp_path / "missing.png")
+    os.symlink(tmp_path / "gone.png", missing)  # it exists, but cannot be read: an error row
     good = world["expected"][0]
     result = classify(world, good, str(bad), missing, "--labels", LABELS)
     assert result.code == 1
@@ -323,3 +324,37 @@ def test_the_program_writes_everything_before_its_quick_exit(world: dict, tmp_pa
     assert again.returncode == 1 and again.stdout == ""
     assert f"{len(world['expected'])} image embedding(s) reused from the cache" in again.stderr
     assert (tmp_path / "out.jsonl").read_text().splitlines() == first.stdout.splitlines()
+
+
+def test_a_missing_input_is_a_usage_error_before_the_model_loads(world: dict, tmp_path) -> None:
+    no_model = str(tmp_path / "no-such-model.safetensors")  # loading it would fail: it must not
+    typo = str(tmp_path / "phtos")
+    result = run_cli(["classify", world["expected"][0], typo, "--model", no_model, "-l", LABELS])
+    assert result.code == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert typo in line and "no such file or folder" in line and "model" not in line
+    # a path listed on stdin that is gone is an input like any other unreadable one: an error row
+    listed = classify(world, "-", "-l", LABELS, input=f"{world['expected'][0]}\n{typo}\n")
+    assert listed.code == 1
+    assert [row.get("error") for row in parse("jsonl", listed.stdout)] == [
+        None,
+        "no such file or folder",
+    ]
+
+
+def test_paths_typed_at_a_terminal_are_announced(world: dict, monkeypatch, capsys) -> None:
+    import io
+
+    from zsclip.cli._runtime import gather_inputs
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal(world["expected"][0] + "\n"))
+    items = gather_inputs(["-"], quiet=False)
+    assert [item.path for item in items] == world["expected"][:1]
+    assert "reading image paths from stdin" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(world["expected"][0] + "\n"))  # a pipe: no note
+    gather_inputs(["-"], quiet=False)
+    assert capsys.readouterr().err == ""

@@ -211,3 +211,69 @@ def test_bf16_embeddings_are_still_unit_fp32_and_close(world: dict) -> None:
     for a, b in zip(exact, low):
         assert abs(norm(b) - 1) < 1e-5
         assert sum(x * y for x, y in zip(a, b)) > 0.98
+
+
+def _npy_pair(tmp_path: Path, keys: list[str], seed: int):
+    import torch
+
+    from zsclip.jobs.embed import Embedding
+    from zsclip.jobs.embedding_files import EmbeddingFile
+
+    torch.manual_seed(seed)
+    vectors = torch.nn.functional.normalize(torch.randn(len(keys), 8), dim=-1)
+    sink = EmbeddingFile(tmp_path / "e.npy")
+    for key, vector in zip(keys, vectors):
+        sink.write(Embedding("path", key, vector))
+    return sink, vectors
+
+
+def test_npy_and_its_row_list_are_never_mixed_after_a_crash(tmp_path: Path, monkeypatch) -> None:
+    """The .npy and its row list are two files: a crash between putting the two in place must not
+    leave new keys read against old rows (or the reverse) without a word."""
+    import torch
+
+    import zsclip.atomic
+    from zsclip.errors import UserError
+    from zsclip.jobs.embedding_files import pair_marker, read_embeddings
+
+    sink, old = _npy_pair(tmp_path, ["a.jpg", "b.jpg"], seed=0)
+    sink.close()
+    commit = zsclip.atomic.OutputFile.commit
+
+    def crash_before_the_npy(self) -> None:
+        if self.name.endswith(".npy"):
+            self.discard()  # its temporary dies with the process (the next run sweeps it)
+            raise SystemExit("killed between the two files")
+        commit(self)
+
+    monkeypatch.setattr(zsclip.atomic.OutputFile, "commit", crash_before_the_npy)
+    sink, new = _npy_pair(tmp_path, ["c.jpg", "d.jpg"], seed=1)  # same row count, new keys
+    with pytest.raises(SystemExit):
+        sink.close()
+    assert (tmp_path / "e.npy.paths.txt").read_text() == "c.jpg\nd.jpg\n"  # the new keys are in
+    with pytest.raises(UserError, match="two different runs"):
+        read_embeddings(tmp_path / "e.npy")  # ... beside the old rows: refused
+
+    monkeypatch.setattr(zsclip.atomic.OutputFile, "commit", commit)
+    sink, new = _npy_pair(tmp_path, ["c.jpg", "d.jpg"], seed=1)
+    sink.close()  # a whole write puts the pair right and removes the marker
+    table = read_embeddings(tmp_path / "e.npy")
+    assert table.keys == ["c.jpg", "d.jpg"] and torch.allclose(table.vectors, new)
+    assert not pair_marker(tmp_path / "e.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "e.npy.paths.txt"]
+
+
+def test_a_marker_left_after_both_files_are_in_place_is_harmless(tmp_path: Path) -> None:
+    """A crash after both renames but before the marker is removed: the pair is whole and is read."""
+    import hashlib
+
+    from zsclip.jobs.embedding_files import pair_marker, read_embeddings
+
+    sink, vectors = _npy_pair(tmp_path, ["a.jpg", "b.jpg"], seed=0)
+    sink.close()
+    digest = {
+        kind: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        for kind, name in (("npy", "e.npy"), ("rows", "e.npy.paths.txt"))
+    }
+    pair_marker(tmp_path / "e.npy").write_text(json.dumps(digest))
+    assert read_embeddings(tmp_path / "e.npy").keys == ["a.jpg", "b.jpg"]

@@ -132,3 +132,12 @@ def test_eval_usage_errors():
 
     result = CliRunner().invoke(app, ["eval"])
     assert result.exit_code != 0
+
+
+def test_json_figures_are_rounded(capsys):
+    from zsclip.cli.evaluate import _render
+
+    # what float32 arithmetic hands over: 0.055 as float32 is 0.054999999701976776 as a double
+    result = {"top1": float(torch.tensor(0.055)), "top5": float(torch.tensor(1 / 3)), "n": 200}
+    _render(result, "json")
+    assert json.loads(capsys.readouterr().out) == {"top1": 0.055, "top5": 0.333333, "n": 200}

@@ -289,7 +289,8 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, writer):
 
 
 def test_zsclip_checkpoint_is_self_describing(tmp_path):
-    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import get_preset
     from zsclip.core.transform import PreprocessConfig
     from zsclip.train.bpe import train_bpe
 

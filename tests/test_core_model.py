@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from zsclip.core.checkpoints import load_model, save_checkpoint
-from zsclip.core.model import (
-    PRESETS,
-    CLIPConfig,
-    QuickGELU,
-    build_model,
-    count_parameters,
-    get_preset,
-)
+from zsclip.core.model import QuickGELU, build_model, count_parameters
+from zsclip.core.presets import PRESETS, CLIPConfig, get_preset
 from zsclip.core.transform import PreprocessConfig
 from zsclip.train.bpe import train_bpe
 

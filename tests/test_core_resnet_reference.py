@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from zsclip.core.model import CLIPConfig, ModifiedResNet, TextConfig, VisionConfig, build_model
+from zsclip.core.model import ModifiedResNet, build_model
+from zsclip.core.presets import CLIPConfig, TextConfig, VisionConfig
 
 
 @pytest.fixture(scope="module")

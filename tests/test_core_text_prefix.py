@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from zsclip.core.model import build_model, get_preset
+from zsclip.core.model import build_model
+from zsclip.core.presets import get_preset
 from zsclip.core.text_prefix import encode_with_shared_prefixes, plan_prefixes, suffix_packs
 from zsclip.train.bpe import train_bpe
 

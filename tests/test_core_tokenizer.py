@@ -15,9 +15,8 @@ import pytest
 from zsclip.core.tokenizer import (
     NeedsStandardVocab,
     Tokenizer,
-    find_vocab,
-    tokenizer_for_checkpoint,
 )
+from zsclip.core.vocab import find_vocab, tokenizer_for_checkpoint
 from zsclip.errors import UserError
 from zsclip.train.bpe import train_bpe
 

@@ -584,12 +584,17 @@ def test_draft_box_averages_a_large_png_and_stays_close_to_exact(tmp_path: Path)
     ImageDraw.Draw(scene).ellipse((300, 200, 1900, 1500), fill=(200, 40, 90))
     scene.save(path, compress_level=1)
     drafted = load_image(path, draft_size=336)
-    assert drafted.size == (480, 360)  # 1800 // 336 = 5: the largest factor keeping both sides >= 336
+    assert drafted.size == (
+        480,
+        360,
+    )  # 1800 // 336 = 5: the largest factor keeping both sides >= 336
     exact = load_image(path)
     assert exact.size == (2400, 1800)
     config = PreprocessConfig()
     cosine = torch.nn.functional.cosine_similarity(
-        to_tensor(drafted, config).double().flatten(), to_tensor(exact, config).double().flatten(), 0
+        to_tensor(drafted, config).double().flatten(),
+        to_tensor(exact, config).double().flatten(),
+        0,
     )
     assert cosine.item() > 0.999
     assert load_image(path, draft_size=1000).size == (2400, 1800)  # factor 1: nothing to gain
@@ -604,7 +609,9 @@ def test_decode_cost_is_reserved_before_any_pixel_is_decoded(
     events: list = []
     loader = transform._load_pixels
     monkeypatch.setattr(
-        transform, "_load_pixels", lambda image, limit: (events.append("decode"), loader(image, limit))
+        transform,
+        "_load_pixels",
+        lambda image, limit: (events.append("decode"), loader(image, limit)),
     )
     load_image(path, draft_size=draft, reserve=lambda nbytes: events.append(nbytes))
     expected = transform.decode_cost((1500, 1000), "RGBA", draft)
@@ -629,7 +636,9 @@ def test_decode_cost_counts_pil_storage() -> None:
     # On the draft path the result is small and the decoded pixels dominate: PIL keeps L and P in 1
     # byte a pixel, 16-bit grey in 2, RGB and RGBA in 4.
     pixels, draft = 4000 * 3000, 336
-    costs = {mode: transform.decode_cost((4000, 3000), mode, draft) for mode in ("L", "I;16", "RGBA")}
+    costs = {
+        mode: transform.decode_cost((4000, 3000), mode, draft) for mode in ("L", "I;16", "RGBA")
+    }
     assert costs["I;16"] - costs["L"] == pixels and costs["RGBA"] - costs["I;16"] == 2 * pixels
     # exact path: the decoded pixels plus a full-size RGB result
     assert transform.decode_cost((4000, 3000), "RGBA") >= 8 * pixels

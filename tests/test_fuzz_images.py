@@ -37,7 +37,11 @@ def _valid_files() -> dict[str, bytes]:
         "i16.png": (picture.convert("L").convert("I;16"), "PNG", {}),
         "jpg": (picture, "JPEG", {"exif": exif.tobytes(), "quality": 80}),
         "cmyk.jpg": (picture.convert("CMYK"), "JPEG", {}),
-        "gif": (picture.convert("P"), "GIF", {"save_all": True, "append_images": [rgba.convert("P")]}),
+        "gif": (
+            picture.convert("P"),
+            "GIF",
+            {"save_all": True, "append_images": [rgba.convert("P")]},
+        ),
         "bmp": (picture, "BMP", {}),
         "tif": (rgba, "TIFF", {"compression": "tiff_deflate"}),
         "webp": (rgba, "WEBP", {}),

@@ -124,20 +124,29 @@ def test_a_gzip_bomb_is_refused_without_inflating_it(folder: Path) -> None:
     """Merges are read only as far as a real vocabulary needs: a small .gz of endless data is refused."""
     with gzip.open(folder / "bomb.txt.gz", "wb", compresslevel=1) as handle:
         for _ in range(16):
-            handle.write(b"\0" * (4 << 20))  # 64 MiB inflated (or as much as you like), no line break
+            handle.write(
+                b"\0" * (4 << 20)
+            )  # 64 MiB inflated (or as much as you like), no line break
     with bounded(seconds=60, memory_mib=64), pytest.raises(UserError, match="merges"):
         Tokenizer.from_openai_bpe(folder / "bomb.txt.gz")
 
 
-_TEXT_FIELDS = st.one_of(st.text(max_size=40), st.sampled_from(["0", "1", "-5", "77", "1e9", "99999999999"]))
+_TEXT_FIELDS = st.one_of(
+    st.text(max_size=40), st.sampled_from(["0", "1", "-5", "77", "1e9", "99999999999"])
+)
 
 
 @FUZZ
 @given(
-    merges=st.one_of(mutations(MERGES_TEXT.encode()).map(lambda b: b.decode("utf-8", "replace")),
-                     st.text(max_size=200)),
-    vocab=st.one_of(st.none(), mutations(VOCAB_JSON.encode()).map(lambda b: b.decode("utf-8", "replace")),
-                    st.text(max_size=100)),
+    merges=st.one_of(
+        mutations(MERGES_TEXT.encode()).map(lambda b: b.decode("utf-8", "replace")),
+        st.text(max_size=200),
+    ),
+    vocab=st.one_of(
+        st.none(),
+        mutations(VOCAB_JSON.encode()).map(lambda b: b.decode("utf-8", "replace")),
+        st.text(max_size=100),
+    ),
     context=st.one_of(st.none(), _TEXT_FIELDS),
 )
 def test_checkpoint_metadata_loads_or_refuses(merges: str, vocab, context) -> None:

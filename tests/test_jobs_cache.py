@@ -204,7 +204,9 @@ def _damage_rows(database: Path) -> list[str]:
             "SELECT path, length(vector) FROM images ORDER BY path LIMIT 2"
         ).fetchall()
         nan = b"\x00\x00\xc0\x7f" * (length // 4)
-        connection.execute("UPDATE images SET vector = substr(vector, 1, 12) WHERE path = ?", [first])
+        connection.execute(
+            "UPDATE images SET vector = substr(vector, 1, 12) WHERE path = ?", [first]
+        )
         connection.execute("UPDATE images SET vector = ? WHERE path = ?", [nan, second])
     return [first, second]
 
@@ -218,8 +220,18 @@ def test_damaged_cache_rows_are_dropped_recomputed_and_reported_once(
     database = Path(os.environ["ZSCLIP_CACHE"]) / "images.sqlite3"
     damaged = _damage_rows(database)
     run = run_cli(
-        ["classify", str(photos), "--model", model, "-t", "simple", "--labels", "red,green",
-         "-f", "jsonl"]
+        [
+            "classify",
+            str(photos),
+            "--model",
+            model,
+            "-t",
+            "simple",
+            "--labels",
+            "red,green",
+            "-f",
+            "jsonl",
+        ]
     )
     assert run.code == 0, run.stderr
     assert counted["images"] == 5 + 2  # only the damaged ones were encoded again

@@ -65,8 +65,13 @@ def test_no_inputs_is_a_usage_error() -> None:
         expand_inputs([])
 
 
-def test_missing_path_is_an_input_error(tmp_path: Path) -> None:
-    items = expand_inputs([str(tmp_path / "nope.jpg")])
+def test_missing_argument_is_a_usage_error_but_a_missing_stdin_path_an_input_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(UserError, match="nope.jpg.*no such file or folder") as info:
+        expand_inputs([str(tmp_path / "nope.jpg")])
+    assert info.value.exit_code == 2
+    items = expand_inputs(["-"], io.StringIO(f"{tmp_path / 'nope.jpg'}\n"))
     assert items == [InputItem(str(tmp_path / "nope.jpg"), "no such file or folder")]
 
 
@@ -107,7 +112,9 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked_in_order(tmp_path: Pat
                 expected_up.insert(0, after)
             os.mkdir(os.path.join(current, "m"))
             current = os.path.join(current, "m")
-        os.symlink(top, os.path.join(current, "back-to-top"))  # a cycle from the bottom: not followed
+        os.symlink(
+            top, os.path.join(current, "back-to-top")
+        )  # a cycle from the bottom: not followed
         items = expand_inputs([str(top)])
     finally:
         _remove_deep_tree(current, top)

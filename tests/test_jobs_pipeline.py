@@ -127,8 +127,9 @@ def test_decoding_threads_share_one_budget(
     monkeypatch.setattr(transform, "decode_cost", lambda size, mode, draft=None: cost)
     options = DecodeOptions(draft_size=None, memory_budget=100)
     batches = list(
-        decoded_batches(images, PreprocessConfig(image_size=32), batch_size=4, workers=4,
-                        options=options)
+        decoded_batches(
+            images, PreprocessConfig(image_size=32), batch_size=4, workers=4, options=options
+        )
     )
     decoded = [entry for batch in batches for entry in batch]
     assert [entry.path for entry in decoded] == [item.path for item in images]

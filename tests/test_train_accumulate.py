@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from zsclip.core.model import build_model, get_preset
+from zsclip.core.model import build_model
+from zsclip.core.presets import get_preset
 from zsclip.train.accumulate import contrastive_backward
 from zsclip.train.distributed import Towers, World
 from zsclip.train.loss import clip_loss

@@ -79,7 +79,8 @@ def test_lr_warmup_then_cosine():
 
 
 def test_weight_decay_groups_follow_the_paper():
-    from zsclip.core.model import build_model, get_preset
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import get_preset
 
     model = build_model(get_preset("tiny"))
     names = {id(p): n for n, p in model.named_parameters()}

@@ -1,6 +1,8 @@
 """The output sink: stdout carries data only; progress, notes, warnings and errors go to stderr.
 
-Machine formats (jsonl, csv, tsv) are written with plain writes, never through rich markup.
+Machine formats (jsonl, csv, tsv) are written with plain writes, never through rich markup. Every
+line for people passes through zsclip.escapes.for_display: a file name holding a newline or a
+terminal escape sequence shows escaped and cannot start a line of its own.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from zsclip.escapes import for_display
 
 if (
     TYPE_CHECKING
@@ -28,17 +32,17 @@ def stderr_console() -> "Console":
 def note(message: str, *, quiet: bool = False) -> None:
     """A line for the person at the terminal (stderr)."""
     if not quiet:
-        stderr_console().print(message, markup=False)
+        stderr_console().print(for_display(message), markup=False)
 
 
 def warn(message: str) -> None:
     """A warning on stderr; shown even with --quiet."""
-    print(f"zsclip: warning: {message}", file=sys.stderr, flush=True)
+    print(f"zsclip: warning: {for_display(message)}", file=sys.stderr, flush=True)
 
 
 def error_line(message: str) -> None:
     """A one-line error on stderr for an input that failed while the others go on."""
-    print(f"zsclip: error: {message}", file=sys.stderr, flush=True)
+    print(f"zsclip: error: {for_display(message)}", file=sys.stderr, flush=True)
 
 
 def stderr_is_terminal() -> bool:
@@ -46,14 +50,15 @@ def stderr_is_terminal() -> bool:
 
 
 def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()  # None: stdout was closed (`>&-`)
 
 
-def stdout_console() -> "Console":
-    """A rich console on stdout, for the `table` format only (people at a terminal). Honours NO_COLOR."""
+def stdout_console(stream: Any = None) -> "Console":
+    """A rich console on stdout (or `stream`, a wrapper of it), for the `table` format only (people
+    at a terminal). Honours NO_COLOR."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    return Console(file=stream, highlight=False, soft_wrap=False)
 
 
 class _NoProgress:

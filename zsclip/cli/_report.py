@@ -3,7 +3,7 @@
 Every image appears as a thumbnail (a base64 JPEG inside the page: no other files, no network) with
 its top labels and score bars; a summary at the top counts the images per label. Inputs that could
 not be read are listed with their reason. Plain HTML and CSS, no scripts, so it opens anywhere and
-prints well.
+prints well. Names and labels are shown escaped (zsclip.escapes.for_display), then HTML-escaped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from zsclip.atomic import atomic_write_text
+from zsclip.escapes import for_display
 
 if TYPE_CHECKING:
     from zsclip.jobs.classify import Prediction
@@ -41,22 +42,26 @@ def _bar(fraction: float) -> str:
     return f'<div class="bar"><span style="width:{max(0.0, min(1.0, fraction)) * 100:.1f}%"></span></div>'
 
 
+def _shown(text: str) -> str:
+    return html.escape(for_display(text))
+
+
 def _card(prediction: "Prediction") -> str:
-    path = html.escape(prediction.path)
+    path = _shown(prediction.path)
     if prediction.thumbnail:
         data = base64.b64encode(prediction.thumbnail).decode("ascii")
         picture = f'<img src="data:image/jpeg;base64,{data}" alt="{path}">'
     else:
         picture = '<div class="nopreview">no preview</div>'
     if prediction.error is not None:
-        body = f'<div class="error">{html.escape(prediction.error)}</div>'
+        body = f'<div class="error">{_shown(prediction.error)}</div>'
     elif not prediction.top:
         body = '<div class="none">no label above the threshold</div>'
     else:
         rows = []
         for rank, (label, score) in enumerate(prediction.top):
             rows.append(
-                f'<div class="row{" first" if rank == 0 else ""}"><span>{html.escape(label)}</span>'
+                f'<div class="row{" first" if rank == 0 else ""}"><span>{_shown(label)}</span>'
                 f'<span class="score">{score:.2f}</span>{_bar(score)}</div>'
             )
         body = "".join(rows)
@@ -80,7 +85,7 @@ def _summary(predictions: Sequence["Prediction"], labels: Sequence[str], multi_l
     counts = summary_counts(predictions, labels, multi_label)
     readable = sum(p.error is None for p in predictions) or 1
     rows = [
-        f'<tr><td>{html.escape(label)}</td><td>{count}</td><td style="width:240px">{_bar(count / readable)}'
+        f'<tr><td>{_shown(label)}</td><td>{count}</td><td style="width:240px">{_bar(count / readable)}'
         f"</td></tr>"
         for label, count in counts.most_common()
     ]
@@ -103,7 +108,7 @@ def render_report(
         "multi-label: every label whose score passes the threshold" if multi_label else "top labels"
     )
     meta = (
-        f"{len(predictions)} inputs, {len(labels)} labels, model {html.escape(model_name)}; "
+        f"{len(predictions)} inputs, {len(labels)} labels, model {_shown(model_name)}; "
         f"cards show {mode}"
     )
     cards = "\n".join(_card(prediction) for prediction in predictions)
@@ -124,10 +129,12 @@ def write_report(
     model_name: str,
     multi_label: bool = False,
 ) -> None:
-    """Render and write atomically."""
-    atomic_write_text(
-        path, render_report(predictions, labels, model_name=model_name, multi_label=multi_label)
-    )
+    """Render and write atomically (a failure to write is one line, exit 3)."""
+    from zsclip.cli._runtime import writing
+
+    page = render_report(predictions, labels, model_name=model_name, multi_label=multi_label)
+    with writing(str(path)):
+        atomic_write_text(path, page)
 
 
 def thumbnail_for(path: str, size: int = THUMBNAIL_SIZE) -> bytes | None:

@@ -1,11 +1,15 @@
-"""What classify and embed share in the terminal layer: loading the model for inference, the output
-stream, and the loop that writes rows, reports unreadable inputs and drives the progress bar. (No
-`register`: not a command of its own.)
+"""What classify and embed share in the terminal layer: loading the model for inference, the checks
+of inputs and outputs made before any work, the output stream, and the loop that writes rows,
+reports unreadable inputs and drives the progress bar. (No `register`: not a command of its own.)
+
+A failing output costs one line: a usage error (exit 2) when it can be seen before the work, exit 3
+when writing fails (disk full, /dev/full, I/O error), with nothing left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ if TYPE_CHECKING:
 
     from zsclip.core.checkpoints import LoadedModel
     from zsclip.jobs.cache import ImageCache
-    from zsclip.jobs.pipeline import DecodeOptions
+    from zsclip.jobs.inputs import InputItem
 
 Row = TypeVar("Row")
 
@@ -50,29 +54,6 @@ def load_for_inference(
     return loaded, torch_device, dtype
 
 
-def image_cache(
-    loaded: "LoadedModel",
-    decode: "DecodeOptions",
-    dtype: "torch.dtype",
-    enabled: bool,
-) -> "ImageCache | None":
-    """The image-embedding cache for this model, preprocessing and precision; None with --no-cache or
-    when the model has no file to identify it by."""
-    if not enabled:
-        return None
-    from zsclip.cli._output import warn
-    from zsclip.core.devices import precision_name
-    from zsclip.jobs.cache import ImageCache, image_variant, model_identity
-
-    model_id = model_identity(loaded.path)
-    if model_id is None:
-        return None
-    variant = image_variant(
-        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
-    )
-    return ImageCache(variant, warn=warn, dim=loaded.model.config.embed_dim)
-
-
 def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:
     """One stderr line saying how many images came from the cache, when any did."""
     if cache is not None and cache.hits:
@@ -90,12 +71,11 @@ def prepare_torch() -> None:
 
     * OMP_WAIT_POLICY=PASSIVE (unless the user set it): torch's OpenMP workers sleep rather than
       spin while they wait. zsclip decodes images in threads beside the model, and spinning workers
-      take the CPU those threads (and any other program) need: on the shared 2-core benchmark
-      machine ViT-B/32 ran 1.3x faster on images and 3x on prompts. OpenMP reads it once, when torch
-      loads.
-    * the garbage collector paused during the import (0.2-0.5 s of its ~2 s here), then torch's
+      take the CPU those threads (and any other program) need (figures: docs/performance.md).
+      OpenMP reads it once, when torch loads.
+    * the garbage collector paused during the import (a noticeable part of it), then torch's
       objects frozen (gc.freeze) and frozen again at exit, so neither later collections nor the
-      final one at interpreter exit walk them all again (that final walk took ~0.5 s).
+      final one at interpreter exit walk them all again.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:
@@ -112,18 +92,129 @@ def prepare_torch() -> None:
     atexit.register(gc.freeze)
 
 
+# ------------------------------------------------------------------------------ outputs
+
+
+def check_outputs(outputs: dict[str, Path | None], *, to_stdout: bool) -> None:
+    """Before any work: every named output can be written (its folder exists or can be made, no
+    file in the way, not a folder), no two of them are the same file, and stdout is open when the
+    data goes there. A UserError (exit 2) otherwise."""
+    from zsclip.atomic import check_output, resolve_target
+
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        check_output(path, option)
+        target = resolve_target(path)
+        if target.kind == "file" and target.path in seen:
+            raise UserError(f"{seen[target.path]} and {option} name the same file {str(path)!r}")
+        seen[target.path] = option
+    if to_stdout:
+        check_stdout()
+
+
+def check_stdout() -> None:
+    """stdout must be open to carry the data (`zsclip ... >&-` closes it)."""
+    closed = sys.stdout is None
+    if not closed:
+        try:
+            os.fstat(sys.stdout.fileno())
+        except (AttributeError, io.UnsupportedOperation):
+            pass  # not a real file (a test's capture): nothing to check
+        except (OSError, ValueError):  # a descriptor closed since, or a stream closed
+            closed = True
+    if closed:
+        raise UserError("stdout is closed; give --output FILE or run with stdout open")
+
+
+def _silence_stdout() -> None:
+    """After stdout failed: point it at /dev/null so the interpreter's last flush cannot fail too."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def writing(name: str) -> Iterator[None]:
+    """Around code that only writes the output `name` ("stdout" or a path): a reader that went away
+    (`| head`) ends the run quietly with status 1; any other failure (disk full, /dev/full, I/O
+    error) is one line and exit status 3 (zsclip.atomic.OUTPUT_FAILED)."""
+    from zsclip.atomic import OutputError
+
+    try:
+        yield
+    except BrokenPipeError:
+        if name == "stdout":
+            _silence_stdout()
+        raise SystemExit(1) from None
+    except OSError as err:
+        if name == "stdout":
+            _silence_stdout()
+            raise OutputError("to stdout", err) from None
+        raise OutputError(name, err) from None
+
+
+class _Guarded:
+    """A text stream whose write failures become `writing`'s one line."""
+
+    def __init__(self, stream: IO[str], name: str) -> None:
+        self._stream, self._name = stream, name
+
+    def write(self, text: str) -> int:
+        with writing(self._name):
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with writing(self._name):
+            self._stream.flush()
+
+    def __getattr__(self, attribute: str):
+        return getattr(self._stream, attribute)
+
+
+def guarded(stream: IO[str], name: str) -> IO[str]:
+    """`stream` with its write failures turned into `writing`'s one line (once: wrapping twice
+    changes nothing)."""
+    if isinstance(stream, _Guarded):
+        return stream
+    return _Guarded(stream, name)  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def output_stream(path: Path | None) -> Iterator[IO[str]]:
-    """--output FILE (written atomically: the file appears only when the run completes) or stdout."""
+    """--output FILE or stdout, guarded by `writing`. A regular file appears only when the run
+    completes (zsclip.atomic); a device, FIFO or /dev/stdout is written through."""
     if path is None:
-        yield sys.stdout
+        yield guarded(sys.stdout, "stdout")
         return
-    from zsclip.atomic import atomic_write
+    from zsclip.atomic import OutputFile
 
-    if path.is_dir():
-        raise UserError(f"--output {str(path)!r} is a folder; give a file name")
-    with atomic_write(path, "w", encoding="utf-8") as handle:
-        yield handle
+    name = str(path)
+    with writing(name):
+        output = OutputFile(path, "w", encoding="utf-8")
+    try:
+        yield _Guarded(output.handle, name)  # type: ignore[misc]
+    except BaseException:
+        output.discard()
+        raise
+    with writing(name):
+        output.commit()
+
+
+def gather_inputs(inputs: list[str] | None, quiet: bool) -> "list[InputItem]":
+    """expand_inputs on the command line's INPUTs; says so when `-` waits for paths typed at a
+    terminal."""
+    from zsclip.jobs.inputs import expand_inputs
+
+    stdin = sys.stdin
+    if inputs and "-" in inputs and stdin is not None and stdin.isatty():
+        note(
+            "zsclip: reading image paths from stdin, one per line; end with Ctrl-D",
+            quiet=quiet,
+        )
+    return expand_inputs(inputs or [], stdin)
 
 
 def write_rows(
@@ -134,23 +225,20 @@ def write_rows(
     description: str,
     quiet: bool,
     error_of: Callable[[Row], tuple[str, str] | None],
+    output: str = "stdout",
 ) -> int:
-    """Write every row; one stderr line per unreadable input. Returns how many inputs failed."""
+    """Write every row (failures of the `output` as in `writing`); one stderr line per unreadable
+    input. Returns how many inputs failed."""
     failures = 0
-    try:
-        with progress(total, description, quiet=quiet) as bar:
-            for row in rows:
+    with progress(total, description, quiet=quiet) as bar:
+        for row in rows:
+            with writing(output):
                 write(row)
-                failed = error_of(row)
-                if failed is not None:
-                    failures += 1
-                    error_line(f"{failed[0]}: {failed[1]}")
-                bar.advance()
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise SystemExit(1) from None
+            failed = error_of(row)
+            if failed is not None:
+                failures += 1
+                error_line(f"{failed[0]}: {failed[1]}")
+            bar.advance()
     return failures
 
 

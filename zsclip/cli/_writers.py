@@ -9,11 +9,11 @@ jobs read them back.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from zsclip.errors import UserError
+from zsclip.escapes import csv_text, for_display, json_text
 from zsclip.jobs.embedding_files import embedding_line
 
 if TYPE_CHECKING:
@@ -44,8 +44,25 @@ def choose_format(requested: str | None, output: Path | None, stdout_tty: bool) 
             raise UserError("--format table is for the terminal; write files as jsonl, csv or tsv")
         return fmt
     if output is not None:
-        return _SUFFIX_FORMATS.get(output.suffix.lower(), "jsonl")
+        return _format_of_output(output)
     return "table" if stdout_tty else "jsonl"
+
+
+def _format_of_output(output: Path) -> str:
+    """The format named by --output's suffix. A device, FIFO or /dev/stdout without one gets jsonl,
+    like a pipe; a file with an unknown suffix is an error (a .xlsx must not silently hold jsonl)."""
+    from zsclip.atomic import is_regular_target
+
+    suffix = output.suffix.lower()
+    if suffix in _SUFFIX_FORMATS:
+        return _SUFFIX_FORMATS[suffix]
+    if not is_regular_target(output):
+        return "jsonl"
+    known = ", ".join(sorted(_SUFFIX_FORMATS))
+    what = f"its suffix {output.suffix!r} names no format" if suffix else "it has no suffix"
+    raise UserError(
+        f"--output {str(output)!r}: {what}; name the file {known}, or give --format jsonl, csv or tsv"
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -69,11 +86,14 @@ def prediction_record(prediction: "Prediction") -> dict[str, Any]:
 
 
 class JsonlPredictions:
+    """One JSON object a line, UTF-8; a path that is not valid UTF-8 keeps its bytes as \\udcNN
+    escapes (zsclip.escapes)."""
+
     def __init__(self, stream: IO[str], top_k: int) -> None:
         self.stream = stream
 
     def write(self, prediction: "Prediction") -> None:
-        self.stream.write(json.dumps(prediction_record(prediction), ensure_ascii=False) + "\n")
+        self.stream.write(json_text(prediction_record(prediction)) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -81,7 +101,8 @@ class JsonlPredictions:
 
 
 class DelimitedPredictions:
-    """csv or tsv: path,label,score,label_2,score_2,...,error -- quoted wherever a field needs it."""
+    """csv or tsv: path,label,score,label_2,score_2,...,error -- quoted wherever a field needs it; the
+    bytes of a name that are not UTF-8 are written as \\xNN (zsclip.escapes.csv_text)."""
 
     def __init__(self, stream: IO[str], top_k: int, delimiter: str) -> None:
         self.stream, self.top_k = stream, top_k
@@ -94,14 +115,14 @@ class DelimitedPredictions:
         self.writer.writerow(header + ["error"])
 
     def write(self, prediction: "Prediction") -> None:
-        cells: list[str] = [prediction.path]
+        cells: list[str] = [csv_text(prediction.path)]
         for rank in range(self.top_k):
             if rank < len(prediction.top):
                 label, score = prediction.top[rank]
-                cells += [label, f"{score:.6f}"]
+                cells += [csv_text(label), f"{score:.6f}"]
             else:
                 cells += ["", ""]
-        self.writer.writerow(cells + [prediction.error or ""])
+        self.writer.writerow(cells + [csv_text(prediction.error or "")])
         self.stream.flush()
 
     def close(self) -> None:
@@ -109,13 +130,25 @@ class DelimitedPredictions:
 
 
 class TablePredictions:
-    """A rich table for people, printed once all rows are in (column widths need every row)."""
+    """A rich table for people, printed once all rows are in (column widths need every row).
+
+    Names are shown escaped (zsclip.escapes.for_display). When the terminal is too narrow, paths are
+    shortened from the left (`…/sub/alpha_circle.png`): the end of a path tells files apart."""
 
     def __init__(self, stream: IO[str], top_k: int) -> None:
+        self.stream = stream
         self.rows: list["Prediction"] = []
 
     def write(self, prediction: "Prediction") -> None:
         self.rows.append(prediction)
+
+    def _cells(self, row: "Prediction") -> tuple[str, str, str, str]:
+        if row.error is not None:
+            return for_display(row.path), f"error: {for_display(row.error)}", "", ""
+        rest = ", ".join(f"{for_display(label)} {score:.2f}" for label, score in row.top[1:])
+        label = for_display(row.label) if row.label else "(none above threshold)"
+        score = "" if row.score is None else f"{row.score:.3f}"
+        return for_display(row.path), label, score, rest
 
     def close(self) -> None:
         from rich.table import Table
@@ -123,20 +156,68 @@ class TablePredictions:
 
         from zsclip.cli._output import stdout_console
 
+        console = stdout_console(self.stream)
+        cells = [self._cells(row) for row in self.rows]
+        budget = path_budget(cells, console.width)
         table = Table(show_edge=False, header_style="bold")
-        for name in ("path", "label", "score", "next"):
-            table.add_column(name, overflow="fold", justify="right" if name == "score" else "left")
-        for row in self.rows:
+        table.add_column("path", no_wrap=True, min_width=min(budget, _widest(cells, 0, "path")))
+        table.add_column("label", overflow="fold")
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("next", overflow="fold")
+        for row, (path, label, score, rest) in zip(self.rows, cells):
+            path_text = Text(shorten_left(path, budget))
             if row.error is not None:
-                table.add_row(Text(row.path), Text(f"error: {row.error}", style="red"), "", "")
-                continue
-            rest = ", ".join(f"{label} {score:.2f}" for label, score in row.top[1:])
-            label = Text(
-                row.label or "(none above threshold)", style="bold" if row.label else "dim"
-            )
-            score = "" if row.score is None else f"{row.score:.3f}"
-            table.add_row(Text(row.path), label, score, Text(rest))
-        stdout_console().print(table)
+                table.add_row(path_text, Text(label, style="red"), "", "")
+            else:
+                style = "bold" if row.label else "dim"
+                table.add_row(path_text, Text(label, style=style), score, Text(rest))
+        console.print(table)
+
+
+_TABLE_FRAME = 11  # 4 columns x 2 spaces of padding + 3 separators (no outer edge)
+# Before a path is shortened, the label and runners-up columns give up width down to these (they
+# wrap between words); a path never gets fewer columns than _PATH_MIN.
+_LABEL_SHARE, _NEXT_SHARE, _PATH_MIN = 24, 12, 12
+
+
+def _widest(cells: list[tuple[str, ...]], column: int, header: str) -> int:
+    from rich.cells import cell_len
+
+    return max([cell_len(header)] + [cell_len(row[column]) for row in cells])
+
+
+def path_budget(cells: list[tuple[str, ...]], width: int) -> int:
+    """Columns the path gets: what the other columns leave of `width`, taking at most a fair share
+    for the label and the runners-up (they wrap), but never less than _PATH_MIN."""
+    others = (
+        min(_widest(cells, 1, "label"), _LABEL_SHARE)
+        + _widest(cells, 2, "score")
+        + min(_widest(cells, 3, "next"), _NEXT_SHARE)
+    )
+    return max(_PATH_MIN, width - _TABLE_FRAME - others)
+
+
+def shorten_left(path: str, width: int) -> str:
+    """`path` in at most `width` terminal columns: whole, else `…/` and as many trailing folders as
+    fit before the file name, else `…` and the end of the file name."""
+    from rich.cells import cell_len
+
+    if cell_len(path) <= width:
+        return path
+    parts = path.split("/")
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if cell_len(f"…/{part}/{tail}") > width:
+            break
+        tail = f"{part}/{tail}"
+    if cell_len(f"…/{tail}") <= width:
+        return f"…/{tail}"
+    kept = ""
+    for char in reversed(tail):  # by terminal cells, so wide characters count double
+        if cell_len(char + kept) > width - 1:
+            break
+        kept = char + kept
+    return "…" + kept
 
 
 def prediction_writer(fmt: str, stream: IO[str], top_k: int):
@@ -175,7 +256,7 @@ class EmbeddingStream:
             if not self.header_done:
                 self.writer.writerow([item.kind] + [f"e{index}" for index in range(len(values))])
                 self.header_done = True
-            self.writer.writerow([item.key] + values)
+            self.writer.writerow([csv_text(item.key)] + values)
         self.stream.flush()
 
     def close(self, ok: bool = True) -> None:

@@ -32,7 +32,8 @@ Examples:
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
-Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error."""
+Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
+3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -122,40 +123,44 @@ def classify(
     offline: OfflineOpt = False,
 ) -> None:
     """Classify images into your labels, zero-shot: no training, just class names in words."""
-    import sys
-
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._report import THUMBNAIL_SIZE
+    from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
     from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
-    from zsclip.jobs.inputs import expand_inputs
     from zsclip.jobs.labels import resolve_labels
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     label_list = resolve_labels(labels, labels_file)
     if threshold is not None and not multi_label:
         raise UserError("--threshold only applies with --multi-label")
+    check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
-    if report is not None and report.is_dir():
-        raise UserError(f"--report {report} is a folder; give a file name such as report.html")
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
-    items = None if embeddings is not None else expand_inputs(inputs or [], sys.stdin)
+    items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
-    from zsclip.cli._runtime import cache_summary, image_cache, load_for_inference
+    from zsclip.cli._runtime import cache_summary, load_for_inference
+    from zsclip.jobs import classify as job
 
     loaded, torch_device, dtype = load_for_inference(
         model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
     )
     default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
-    options = ClassifyOptions(
-        top_k=top_k,
-        multi_label=multi_label,
-        threshold=default_threshold if threshold is None else threshold,
+    request = job.ClassifyRequest(
+        labels=label_list,
+        templates=templates,
+        items=items,
+        embeddings=embeddings,
+        options=ClassifyOptions(
+            top_k=top_k,
+            multi_label=multi_label,
+            threshold=default_threshold if threshold is None else threshold,
+        ),
         batch_size=batch_size,
         workers=default_workers() if workers is None else workers,
         decode=DecodeOptions.for_model(
@@ -163,27 +168,14 @@ def classify(
             exact=exact_preprocess,
             thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
         ),
+        use_cache=cache,
     )
-    classifier = _classifier(loaded, label_list, templates, torch_device, dtype, use_cache=cache)
-    images_cache = image_cache(loaded, options.decode, dtype, cache and embeddings is None)
-    predictions, total = _predictions(
-        loaded,
-        items,
-        embeddings,
-        classifier,
-        label_list,
-        options,
-        torch_device,
-        dtype,
-        images_cache,
-    )
+    run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
     sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
-    try:
-        _write(
-            predictions, total, label_list, options, sinks, loaded.name
-        )  # exits 1 if some inputs failed
+    try:  # exits 1 if some inputs failed
+        _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
     finally:
-        cache_summary(images_cache, quiet)
+        cache_summary(run.cache, quiet)
 
 
 @dataclass(frozen=True)
@@ -202,77 +194,6 @@ def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float
         return float(metadata[key])
     except (KeyError, ValueError):
         return default
-
-
-def _classifier(loaded, label_list, templates, torch_device, dtype, *, use_cache: bool):
-    """[D, C] zero-shot weights for the labels, with a warning when prompts are too long for the model;
-    read from (and written to) the classifier cache when the model has a file to identify it by."""
-    from zsclip.cli._output import warn
-    from zsclip.core.devices import precision_name
-    from zsclip.jobs import cache
-    from zsclip.jobs.labels import load_templates
-    from zsclip.jobs.zeroshot import build_classifier, truncated_prompts
-
-    template_set = load_templates(templates, model_default=loaded.metadata.get("templates"))
-    context = loaded.model.config.text.context_length
-    cut = truncated_prompts(loaded.tokenizer, label_list, template_set, context)
-    if cut:
-        warn(
-            f"{cut} prompt(s) are longer than the model's {context} tokens and were cut; use shorter labels"
-        )
-    model_id = cache.model_identity(loaded.path) if use_cache else None
-    key = (
-        None
-        if model_id is None
-        else cache.classifier_key(
-            model_id,
-            loaded.tokenizer.to_metadata(),
-            label_list,
-            template_set.templates,
-            precision_name(dtype),
-            context,
-        )
-    )
-    shape = (loaded.model.config.embed_dim, len(label_list))
-    weights = cache.load_classifier(key, shape) if key is not None else None
-    if weights is None:
-        weights = build_classifier(
-            loaded.model,
-            loaded.tokenizer,
-            label_list,
-            template_set,
-            device=torch_device,
-            dtype=dtype,
-        )
-        if key is not None:
-            cache.save_classifier(key, weights, label_list, warn=warn)
-    return weights
-
-
-def _predictions(
-    loaded, items, embeddings, classifier, label_list, options, torch_device, dtype, images_cache
-):
-    """(iterator of Predictions, number of inputs): from the images, or from saved embeddings."""
-    from zsclip.jobs.classify import classify_embeddings, classify_images, logit_scale_of
-
-    if embeddings is not None:
-        table = _read_image_embeddings(embeddings, loaded)
-        scale = logit_scale_of(loaded.model)
-        return classify_embeddings(table, classifier, label_list, scale, options), len(
-            table.keys
-        ) + len(table.errors)
-    predictions = classify_images(
-        loaded.model,
-        items,
-        classifier,
-        label_list,
-        loaded.preprocess,
-        options,
-        device=torch_device,
-        dtype=dtype,
-        cache=images_cache,
-    )
-    return predictions, len(items)
 
 
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
@@ -305,35 +226,10 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
     finish(failures, total, sinks.quiet)
 
 
-def _read_image_embeddings(path: Path, loaded):
-    from zsclip.cli._output import warn
-    from zsclip.errors import UserError
-    from zsclip.jobs.embedding_files import read_embeddings
-
-    table = read_embeddings(path)
-    if table.kind != "path":
-        raise UserError(
-            f"{path} holds text embeddings; classify needs image embeddings (zsclip embed IMAGES -o FILE)"
-        )
-    dim, expected = (table.vectors.shape[1] if table.keys else None), loaded.model.config.embed_dim
-    if dim is not None and dim != expected:
-        raise UserError(
-            f"{path} holds {dim}-dimensional embeddings but model {loaded.name} makes {expected}; "
-            "classify with the model that embedded them (--model)"
-        )
-    if table.model_name and table.model_name != loaded.name:
-        warn(
-            f"{path} was embedded with model {table.model_name!r}, not {loaded.name!r}; scores may be meaningless"
-        )
-    return table
-
-
 def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:
     from zsclip.cli._report import thumbnail_for, write_report
 
-    if (
-        from_embeddings
-    ):  # nothing was decoded: read thumbnails from the files if they are still there
+    if from_embeddings:  # nothing was decoded: read thumbnails from the files if still there
         for prediction in predictions:
             if prediction.error is None:
                 prediction.thumbnail = thumbnail_for(prediction.path)

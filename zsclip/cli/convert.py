@@ -29,26 +29,30 @@ def convert(
     offline: OfflineOpt = False,
 ) -> None:
     """Convert an OpenAI, OpenCLIP or Hugging Face checkpoint to zsclip's own .safetensors format."""
+    from zsclip.atomic import check_output
     from zsclip.cli._output import note
+    from zsclip.cli._runtime import writing
     from zsclip.core.checkpoints import load_model, save_checkpoint
     from zsclip.core.model import count_parameters
     from zsclip.errors import UserError
 
     if destination.suffix != ".safetensors":
         raise UserError(f"{destination}: the destination must end in .safetensors")
+    check_output(destination, "DST")  # before the (slow) load
     loaded = load_model(source, vocab=vocab, offline=offline)
     keep = {
         k: v
         for k, v in loaded.metadata.items()
         if k in ("templates", "source_format", "description")
     }
-    save_checkpoint(
-        destination,
-        loaded.model,
-        preprocess=loaded.preprocess,
-        tokenizer=loaded.tokenizer,
-        metadata=keep,
-    )
+    with writing(str(destination)):
+        save_checkpoint(
+            destination,
+            loaded.model,
+            preprocess=loaded.preprocess,
+            tokenizer=loaded.tokenizer,
+            metadata=keep,
+        )
     note(
         f"wrote {destination} ({count_parameters(loaded.model):,} parameters, "
         f"{loaded.metadata.get('source_format', 'zsclip')} format in)"

@@ -29,7 +29,8 @@ Examples:
 
 \b
 Embeddings are unit length (L2-normalised), float32, whatever the device and precision.
-Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error."""
+Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
+3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -78,17 +79,19 @@ def embed(
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import (
         cache_summary,
+        check_outputs,
         finish,
-        image_cache,
+        gather_inputs,
         load_for_inference,
         write_rows,
+        writing,
     )
     from zsclip.cli._writers import EmbeddingStream
     from zsclip.errors import UserError
+    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.embed import embed_images, embed_texts
     from zsclip.jobs.embedding_files import EmbeddingFile
-    from zsclip.jobs.inputs import expand_inputs
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
+    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder, default_workers
 
     texts = _gather_texts(text, texts_file)
     if texts is not None and inputs:
@@ -99,12 +102,13 @@ def embed(
         raise UserError(
             "nothing to embed: give images or folders, - for paths on stdin, or --text TEXT"
         )
+    check_outputs({"--output": output}, to_stdout=output is None)
     sink = (
         EmbeddingFile(output)
         if output is not None
         else EmbeddingStream(sys.stdout, fmt.strip().lower())
     )
-    items = expand_inputs(inputs, sys.stdin) if texts is None else None
+    items = gather_inputs(inputs, quiet) if texts is None else None
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         if output is None:
@@ -122,21 +126,21 @@ def embed(
             len(texts),
         )
     else:
-        workers = default_workers() if workers is None else workers
         decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess)
-        images_cache = image_cache(loaded, decode, dtype, cache)
-        rows = embed_images(
+        images_cache = image_cache_for(loaded, decode, dtype, enabled=cache, warn=warn)
+        encoder = ImageEncoder(
             loaded.model,
-            items,
             loaded.preprocess,
-            device=torch_device,
-            dtype=dtype,
+            torch_device,
+            dtype,
             batch_size=batch_size,
-            workers=workers,
+            workers=default_workers() if workers is None else workers,
             decode=decode,
             cache=images_cache,
         )
+        rows = embed_images(encoder, items)
         total = len(items)
+    destination = "stdout" if output is None else str(output)
     ok = False
     try:
         failures = write_rows(
@@ -146,10 +150,12 @@ def embed(
             description="embedding",
             quiet=quiet,
             error_of=lambda row: None if row.error is None else (row.key, row.error),
+            output=destination,
         )
         ok = True
     finally:
-        sink.close(ok)
+        with writing(destination):
+            sink.close(ok)
     cache_summary(images_cache, quiet)
     finish(failures, total, quiet)
 

@@ -89,6 +89,7 @@ def eval_command(
         raise UserError(f"unknown --format {fmt!r}: use json or table")
     if pairs is not None and (labels_file is not None or templates is not None):
         raise UserError("--labels-file and --templates apply to class folders, not to --pairs")
+    from zsclip.core.devices import autocast
     from zsclip.jobs import evaluate
 
     # The cheap checks (folders, labels, pairs file) come before the model is loaded.
@@ -103,39 +104,32 @@ def eval_command(
 
         task = data.load_pairs(pairs)
         total = len(task)
-    options = {
-        "device": device,
-        "precision": precision,
-        "batch_size": batch_size,
-        "workers": workers or 0,
-    }
-    result = _measure(task, templates, _load(model, vocab, device, offline), options, total, quiet)
-    _render(result, fmt)
+    from zsclip.cli._runtime import load_for_inference
 
-
-def _load(model: str | None, vocab: Path | None, device: str, offline: bool) -> Any:
-    from zsclip.core.checkpoints import load_model
-    from zsclip.core.devices import resolve_device
-
-    return load_model(model, vocab=vocab, device=resolve_device(device), offline=offline)
-
-
-def _measure(
-    task: Any, templates: str | None, loaded: Any, options: dict, total: int, quiet: bool
-) -> dict:
-    """Zero-shot scores for a ZeroShotSet, retrieval recall for a list of pairs."""
-    from zsclip.cli._output import progress
-    from zsclip.core.devices import autocast, resolve_device, resolve_precision
-    from zsclip.jobs import evaluate
-    from zsclip.jobs.labels import load_templates
-
-    device = resolve_device(options["device"])
-    dtype = resolve_precision(options["precision"], device)
-    run = dict(
-        autocast=lambda: autocast(device, dtype),
-        batch_size=options["batch_size"],
-        workers=options["workers"],
+    loaded, torch_device, dtype = load_for_inference(
+        model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
     )
+    if isinstance(task, evaluate.ZeroShotSet):
+        from zsclip.jobs.labels import load_templates
+
+        task.templates = load_templates(templates, model_default=loaded.metadata.get("templates"))
+    run = evaluate.EvalRun(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.preprocess,
+        torch_device,
+        autocast=lambda: autocast(torch_device, dtype),
+        batch_size=batch_size,
+        workers=workers or 0,
+    )
+    _render(_measure(task, run, total, quiet), fmt)
+
+
+def _measure(task: Any, run: Any, total: int, quiet: bool) -> dict:
+    """Zero-shot scores for a ZeroShotSet, retrieval recall for a list of pairs, with a progress bar."""
+    from zsclip.cli._output import progress
+    from zsclip.jobs import evaluate
+
     with progress(total, "evaluating", quiet=quiet) as bar:
         done = [0]
 
@@ -143,22 +137,10 @@ def _measure(
             bar.advance(now - done[0])
             done[0] = now
 
+        run.progress = tick
         if isinstance(task, evaluate.ZeroShotSet):
-            task.templates = load_templates(
-                templates, model_default=loaded.metadata.get("templates")
-            )
-            return evaluate.evaluate_zeroshot(
-                loaded.model,
-                loaded.tokenizer,
-                loaded.preprocess,
-                task,
-                device,
-                progress=tick,
-                **run,
-            )
-        return evaluate.evaluate_pairs(
-            loaded.model, loaded.tokenizer, loaded.preprocess, task, device, progress=tick, **run
-        )
+            return evaluate.evaluate_zeroshot(run, task)
+        return evaluate.evaluate_pairs(run, task)
 
 
 def _render(result: dict, fmt: str) -> None:
@@ -166,7 +148,7 @@ def _render(result: dict, fmt: str) -> None:
     import sys
 
     if fmt == "json":
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(_rounded(result)) + "\n")
         return
     from rich.table import Table
 
@@ -176,6 +158,17 @@ def _render(result: dict, fmt: str) -> None:
     for key, value in result.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     stdout_console().print(table)
+
+
+def _rounded(value: Any) -> Any:
+    """Figures to 6 decimals (float32 sums carry ~7 digits): 0.055, not 0.054999999701976776."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value
 
 
 def register(app: typer.Typer) -> None:

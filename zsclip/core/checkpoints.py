@@ -24,9 +24,11 @@ from zsclip.core.foreign import (
     read_openai_or_openclip,
     read_torch_file,
 )
-from zsclip.core.model import CLIP, CLIPConfig, canonical_preset_name
-from zsclip.core.tokenizer import Tokenizer, tokenizer_for_checkpoint
+from zsclip.core.model import CLIP
+from zsclip.core.presets import CLIPConfig, canonical_preset_name
+from zsclip.core.tokenizer import Tokenizer
 from zsclip.core.transform import PreprocessConfig
+from zsclip.core.vocab import tokenizer_for_checkpoint
 from zsclip.errors import UserError
 from zsclip.paths import builtin_models, weights_dir
 
@@ -81,7 +83,7 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
     nn.init functions and in-place fills become no-ops and randn becomes empty, so construction
     allocates (lazily: untouched pages cost no memory) but computes nothing. Building on the meta
     device instead would run PyTorch's Python meta kernels for normal_/mul, whose first use imports
-    torch._dynamo: ~1.7 s of start-up.
+    torch._dynamo, which costs seconds of start-up (docs/performance.md).
     """
 
     _FILLS = frozenset({"normal_", "uniform_", "fill_", "zero_"})

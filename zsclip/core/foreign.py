@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from zsclip.core.model import CLIPConfig, TextConfig, VisionConfig
+from zsclip.core.presets import CLIPConfig, TextConfig, VisionConfig
 from zsclip.errors import UserError
 
 # Keys some writers add beside the weights; they carry nothing we need.

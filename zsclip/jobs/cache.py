@@ -11,9 +11,12 @@ would cost more than it saves). Overwriting a checkpoint in place changes its mt
 entries are never used.
 
 The image cache is SQLite in WAL mode: readers never block, writers take turns (busy timeout), and a
-crash mid-write rolls back, so two zsclip processes can share it. A cache that cannot be opened or
-written (read-only disk, damaged file) is reported once through the `warn` callback and the run goes
-on without it. Nothing here prints: the terminal layer supplies `warn`.
+crash mid-write rolls back, so two zsclip processes can share it. Everything read from it is checked:
+a row whose vector has the wrong length for the model, is not finite or not unit length is dropped,
+computed again and replaced; a file that is not a database (or a damaged one) is reported once with the
+command that removes it, and the run goes on without it. A cache that can be read but not written (a
+read-only file or folder) is still read; nothing new is stored. Each of these is reported once through
+the `warn` callback. Nothing here prints: the terminal layer supplies `warn`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from zsclip.paths import cache_dir
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.core.checkpoints import LoadedModel
+    from zsclip.jobs.pipeline import DecodeOptions
+
 Warn = Callable[[str], None]
 
 IMAGE_DB = "images.sqlite3"
@@ -44,7 +50,7 @@ _LOOKUP_CHUNK = 500  # paths per SELECT ... IN (...): well under SQLite's variab
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     variant  TEXT    NOT NULL,  -- model file + preprocessing + precision (see image_variant)
-    path     TEXT    NOT NULL,  -- absolute path of the image
+    path     TEXT    NOT NULL,  -- absolute path of the image (a BLOB of its bytes when not UTF-8)
     size     INTEGER NOT NULL,  -- st_size when it was encoded
     mtime_ns INTEGER NOT NULL,  -- st_mtime_ns when it was encoded
     vector   BLOB    NOT NULL,  -- float32, native byte order, unit length
@@ -180,6 +186,17 @@ def stamp(path: str) -> Optional[FileStamp]:
     return FileStamp(os.path.abspath(path), info.st_size, info.st_mtime_ns)
 
 
+def _path_key(path: str) -> str | bytes:
+    """How a path is stored: as text, or, when its name is not valid UTF-8 (Python carries those bytes
+    as surrogates), as its exact bytes. SQLite keeps a BLOB as is even in a TEXT column, and a BLOB
+    never equals a text, so the two cannot collide."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
 def vector_to_blob(values: Sequence[float]) -> bytes:
     return array("f", values).tobytes()
 
@@ -205,9 +222,10 @@ def _valid_vector(blob: object, dim: Optional[int]) -> Optional[array]:
     return values
 
 
-# Stored vectors are fp32 unit vectors: |v|^2 is 1 to ~1e-6 (D roundings of 2^-24); a damaged row is far.
+# Stored vectors are fp32 unit vectors: |v|^2 is 1 to ~1e-6 (D roundings of 2^-24); a damaged row
+# is far from it.
 _UNIT_TOLERANCE = 1e-3
-# SQLite's result codes for a file that is not a database or a damaged one (SQLITE_NOTADB, SQLITE_CORRUPT).
+# SQLite's result codes for a file that is not a database or a damaged one.
 _DAMAGED_CODES = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
 _DAMAGED_WORDS = ("not a database", "malformed", "no such column", "no such table")
 
@@ -309,7 +327,8 @@ class ImageCache:
         self.read_only = True
         if self._warn is not None:
             self._warn(
-                f"the image cache {self.path} cannot be written ({err}); reading it, storing nothing new"
+                f"the image cache {self.path} cannot be written ({err}); "
+                "reading it, storing nothing new"
             )
 
     def _damaged_message(self, err: BaseException) -> str:
@@ -335,17 +354,19 @@ class ImageCache:
         if connection is None or not wanted:
             return {}
         found: dict[str, array] = {}
-        paths = list(wanted)
+        by_key = {_path_key(path): path for path in wanted}
+        keys = list(by_key)
         try:
-            for start in range(0, len(paths), _LOOKUP_CHUNK):
-                chunk = paths[start : start + _LOOKUP_CHUNK]
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                chunk = keys[start : start + _LOOKUP_CHUNK]
                 rows = connection.execute(
                     f"SELECT path, size, mtime_ns, vector FROM images WHERE variant = ? "
                     f"AND path IN ({','.join('?' * len(chunk))})",
                     [self.variant, *chunk],
                 ).fetchall()
-                for path, size, mtime_ns, blob in rows:
-                    current = wanted.get(path)
+                for key, size, mtime_ns, blob in rows:
+                    path = by_key.get(key)
+                    current = wanted.get(path) if path is not None else None
                     if current is None or current.size != size or current.mtime_ns != mtime_ns:
                         continue
                     vector = _valid_vector(blob, self.dim)
@@ -371,8 +392,9 @@ class ImageCache:
             size = f"{len(blob)} bytes" if isinstance(blob, bytes) else type(blob).__name__
             expected = f", expected {4 * self.dim}" if self.dim is not None else ""
             self._warn(
-                f"the image cache {self.path} holds a damaged embedding for {path!r} ({size}{expected}, "
-                "or values that are not a unit vector); damaged entries are computed again and replaced"
+                f"the image cache {self.path} holds a damaged embedding for {path!r} "
+                f"({size}{expected}, or values that are not a unit vector); damaged entries are "
+                "computed again and replaced"
             )
 
     def store(self, entries: Sequence[tuple[FileStamp, bytes]]) -> None:
@@ -380,7 +402,7 @@ class ImageCache:
         connection = self._connect()
         if connection is None or not entries or self.read_only:
             return
-        rows = [(self.variant, s.path, s.size, s.mtime_ns, blob) for s, blob in entries]
+        rows = [(self.variant, _path_key(s.path), s.size, s.mtime_ns, blob) for s, blob in entries]
         try:
             # take the write lock now: no deadlock upgrading a read
             connection.execute("BEGIN IMMEDIATE")
@@ -410,3 +432,26 @@ class ImageCache:
 def _is_read_only(err: BaseException) -> bool:
     name = getattr(err, "sqlite_errorname", "") or ""
     return name.startswith("SQLITE_READONLY") or "readonly" in str(err)
+
+
+def image_cache_for(
+    loaded: "LoadedModel",
+    decode: "DecodeOptions",
+    dtype: "torch.dtype",
+    *,
+    enabled: bool = True,
+    warn: Warn = lambda message: None,
+) -> "ImageCache | None":
+    """The image-embedding cache for this model, preprocessing and precision; None when disabled or
+    when the model has no file to identify it by."""
+    if not enabled:
+        return None
+    from zsclip.core.devices import precision_name
+
+    model_id = model_identity(loaded.path)
+    if model_id is None:
+        return None
+    variant = image_variant(
+        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
+    )
+    return ImageCache(variant, warn=warn, dim=loaded.model.config.embed_dim)

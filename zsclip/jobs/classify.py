@@ -17,18 +17,20 @@ Jobs never print: this module yields Prediction rows; the terminal layer renders
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from zsclip.jobs.inputs import InputItem
-from zsclip.jobs.pipeline import DecodeOptions, decoded_batches, encode_batches
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
+    from zsclip.core.checkpoints import LoadedModel
     from zsclip.core.model import CLIP
-    from zsclip.core.transform import PreprocessConfig
     from zsclip.jobs.cache import ImageCache
     from zsclip.jobs.embedding_files import EmbeddingTable
+    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
 
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.25  # cosine; see the module docstring
@@ -58,10 +60,6 @@ class ClassifyOptions:
     multi_label: bool = False
     # multi-label only: the cosine at which a label's score is 0.5
     threshold: float = DEFAULT_THRESHOLD
-    batch_size: int = 32
-    workers: int = 0  # decoding threads; 0 decodes in the calling thread
-    # exact by default here; the CLI drafts unless --exact-preprocess
-    decode: DecodeOptions = DecodeOptions()
 
 
 def logit_scale_of(model: "CLIP") -> float:
@@ -94,33 +92,19 @@ def ranked(
 
 
 def classify_images(
-    model: "CLIP",
+    encoder: "ImageEncoder",
     items: Sequence[InputItem],
     classifier: "torch.Tensor",
     labels: Sequence[str],
-    preprocess: "PreprocessConfig",
     options: ClassifyOptions,
-    *,
-    device: "torch.device",
-    dtype: "torch.dtype",
-    cache: "ImageCache | None" = None,
 ) -> Iterator[Prediction]:
     """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
-    With `cache`, images whose embedding is stored (file unchanged) are neither decoded nor encoded."""
+    With the encoder's cache, images whose embedding is stored (file unchanged) are neither decoded
+    nor encoded."""
     if classifier.shape[1] != len(labels):
         raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
-    scale = logit_scale_of(model)
-    batches = decoded_batches(
-        items,
-        preprocess,
-        batch_size=options.batch_size,
-        workers=options.workers,
-        options=options.decode,
-        cache=cache,
-    )
-    for batch, features in encode_batches(
-        model, batches, device=device, dtype=dtype, preprocess=preprocess, cache=cache
-    ):
+    scale = logit_scale_of(encoder.model)
+    for batch, features in encoder.batches(items):
         scores = score_features(features, classifier, scale, options)  # [n, C]
         row = 0
         for entry in batch:
@@ -156,3 +140,98 @@ def classify_embeddings(
         yield Prediction(key, ranked(scores[row], labels, options))
     for _, key, reason in errors[next_error:]:
         yield Prediction(key, error=reason)
+
+
+@dataclass
+class ClassifyRequest:
+    """What to classify and how: the labels and prompt set, and either image inputs or a file of
+    saved image embeddings."""
+
+    labels: list[str]
+    templates: str | None = None  # a set name or file; None: the model's own set, else photo
+    items: Sequence[InputItem] | None = None  # image inputs, or ...
+    embeddings: "Path | None" = None  # ... image embeddings saved by `zsclip embed`
+    options: ClassifyOptions = ClassifyOptions()
+    batch_size: int = 32
+    workers: int = 0
+    decode: "DecodeOptions | None" = None  # None: exact decoding
+    use_cache: bool = True  # the classifier cache and the image-embedding cache
+
+
+@dataclass
+class ClassifyRun:
+    predictions: Iterator[Prediction]  # lazy: images are read as it is consumed
+    total: int  # rows it will yield
+    cache: "ImageCache | None"  # the image-embedding cache in use, for its hit counts
+
+
+def start(
+    loaded: "LoadedModel",
+    request: ClassifyRequest,
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    warn: Callable[[str], None] = lambda message: None,
+) -> ClassifyRun:
+    """The classify job: builds (or reads from its cache) the zero-shot classifier, then predicts
+    lazily for the images or the saved embeddings."""
+    from zsclip.jobs.cache import image_cache_for
+    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
+    from zsclip.jobs.zeroshot import classifier_for
+
+    classifier = classifier_for(
+        loaded,
+        request.labels,
+        request.templates,
+        device=device,
+        dtype=dtype,
+        use_cache=request.use_cache,
+        warn=warn,
+    )  # [D, C]
+    if request.embeddings is not None:
+        table = read_image_embeddings(request.embeddings, loaded, warn)
+        scale = logit_scale_of(loaded.model)
+        predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
+        return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
+    decode = request.decode or DecodeOptions()
+    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    encoder = ImageEncoder(
+        loaded.model,
+        loaded.preprocess,
+        device,
+        dtype,
+        batch_size=request.batch_size,
+        workers=request.workers,
+        decode=decode,
+        cache=cache,
+    )
+    items = request.items or []
+    predictions = classify_images(encoder, items, classifier, request.labels, request.options)
+    return ClassifyRun(predictions, len(items), cache)
+
+
+def read_image_embeddings(
+    path: "Path", loaded: "LoadedModel", warn: Callable[[str], None]
+) -> "EmbeddingTable":
+    """A file of saved image embeddings, checked against the model that will score them."""
+    from zsclip.errors import UserError
+    from zsclip.jobs.embedding_files import read_embeddings
+
+    table = read_embeddings(path)
+    if table.kind != "path":
+        raise UserError(
+            f"{path} holds text embeddings; classify needs image embeddings "
+            "(zsclip embed IMAGES -o FILE)"
+        )
+    dim, expected = (table.vectors.shape[1] if table.keys else None), loaded.model.config.embed_dim
+    if dim is not None and dim != expected:
+        raise UserError(
+            f"{path} holds {dim}-dimensional embeddings but model {loaded.name} makes {expected}; "
+            "classify with the model that embedded them (--model)"
+        )
+    if table.model_name and table.model_name != loaded.name:
+        warn(
+            f"{path} was embedded with model {table.model_name!r}, not {loaded.name!r}; "
+            "scores may be meaningless"
+        )
+    return table

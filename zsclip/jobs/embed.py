@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from zsclip.jobs.inputs import InputItem
-from zsclip.jobs.pipeline import DecodeOptions, decoded_batches, encode_batches
 
 if TYPE_CHECKING:
     import torch
 
     from zsclip.core.model import CLIP
     from zsclip.core.tokenizer import Tokenizer
-    from zsclip.core.transform import PreprocessConfig
-    from zsclip.jobs.cache import ImageCache
+    from zsclip.jobs.pipeline import ImageEncoder
 
 
 @dataclass
@@ -31,26 +29,10 @@ class Embedding:
     error: str | None = None
 
 
-def embed_images(
-    model: "CLIP",
-    items: Sequence[InputItem],
-    preprocess: "PreprocessConfig",
-    *,
-    device: "torch.device",
-    dtype: "torch.dtype",
-    batch_size: int = 32,
-    workers: int = 0,
-    decode: DecodeOptions = DecodeOptions(),
-    cache: "ImageCache | None" = None,
-) -> Iterator[Embedding]:
-    """One Embedding per input; unreadable inputs carry `error` instead of a vector. With `cache`,
-    stored embeddings of unchanged files are reused."""
-    batches = decoded_batches(
-        items, preprocess, batch_size=batch_size, workers=workers, options=decode, cache=cache
-    )
-    for batch, features in encode_batches(
-        model, batches, device=device, dtype=dtype, preprocess=preprocess, cache=cache
-    ):
+def embed_images(encoder: "ImageEncoder", items: Sequence[InputItem]) -> Iterator[Embedding]:
+    """One Embedding per input, in input order; unreadable inputs carry `error` instead of a vector.
+    With the encoder's cache, stored embeddings of unchanged files are reused."""
+    for batch, features in encoder.batches(items):
         row = 0
         for entry in batch:
             if entry.error is not None:

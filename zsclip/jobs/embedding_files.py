@@ -2,15 +2,22 @@
 
 .npy (+ a row-key sidecar), .safetensors or .jsonl. The .npy writer needs no numpy: it writes the
 NPY 1.0 header by hand, then little-endian float32 rows. Row order lives beside the data: in a
-sidecar `<file>.paths.txt` / `<file>.texts.txt` for .npy (one key per line; a key holding a newline
-or starting with `"` is written as a JSON string), in the metadata for .safetensors, and in each
-record for .jsonl.
+sidecar `<file>.paths.txt` / `<file>.texts.txt` for .npy (one key per line; a key holding a newline,
+starting with `"` or holding bytes that are not UTF-8 is written as a JSON string), in the metadata
+for .safetensors, and in each record for .jsonl. JSON is written by zsclip.escapes.json_text.
+
+The .npy and its sidecar are two files, so they are written as a pair: both go to temporaries and
+are synced, then a marker `.<file>.zsclip-pair` records the digests of both, the two are renamed
+into place, and the marker is removed. A crash between the two renames leaves the marker and one
+file of each run; the reader finds exactly one of them matching the marker and refuses the pair
+instead of matching new rows with old keys.
 """
 
 from __future__ import annotations
 
 import ast
 import ctypes
+import hashlib
 import json
 import math
 import struct
@@ -20,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from zsclip.atomic import atomic_write, atomic_write_text
+from zsclip.atomic import OutputFile, atomic_write_text
 from zsclip.errors import UserError
+from zsclip.escapes import json_text
 
 if TYPE_CHECKING:
     import torch
@@ -42,9 +50,9 @@ def _vector_text(vector: "torch.Tensor") -> str:
 
 def embedding_line(item: "Embedding") -> str:
     """One jsonl record: {"path"|"text": key, "embedding": [...]}, or {"path": key, "error": reason}."""
-    key = json.dumps(item.key, ensure_ascii=False)
+    key = json_text(item.key)
     if item.error is not None:
-        return f'{{"{item.kind}": {key}, "error": {json.dumps(item.error, ensure_ascii=False)}}}\n'
+        return f'{{"{item.kind}": {key}, "error": {json_text(item.error)}}}\n'
     return f'{{"{item.kind}": {key}, "embedding": {_vector_text(item.vector)}}}\n'
 
 
@@ -58,12 +66,80 @@ def _npy_header(rows: int, dim: int) -> bytes:
 
 
 def _sidecar_key(key: str) -> str:
-    needs_json = "\n" in key or "\r" in key or key.startswith('"')
-    return json.dumps(key, ensure_ascii=False) if needs_json else key
+    needs_json = "\n" in key or "\r" in key or key.startswith('"') or not _is_utf8(key)
+    return json_text(key) if needs_json else key
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a str carrying undecodable bytes of a file name (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sidecar_path(path: Path, kind: str) -> Path:
     return path.with_name(f"{path.name}.{kind}s.txt")
+
+
+def pair_marker(path: Path) -> Path:
+    """The marker that is present only while (or because) the .npy pair at `path` was being renamed."""
+    return path.with_name(f".{path.name}.zsclip-pair")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_npy_pair(path: Path, data: bytes, sidecar: Path, rows: bytes) -> None:
+    """Write the .npy bytes and its row list so that a reader never pairs one run's rows with
+    another's keys (see the module docstring)."""
+    rows_file = OutputFile(sidecar, "wb")
+    try:
+        data_file = OutputFile(path, "wb")
+    except BaseException:
+        rows_file.discard()
+        raise
+    try:
+        rows_file.handle.write(rows)
+        data_file.handle.write(data)
+        rows_file.sync()
+        data_file.sync()
+        marker = pair_marker(path) if data_file.atomic and rows_file.atomic else None
+        if marker is not None:
+            atomic_write_text(marker, json.dumps({"npy": _digest(data), "rows": _digest(rows)}))
+    except BaseException:
+        rows_file.discard()
+        data_file.discard()
+        raise
+    try:
+        rows_file.commit()
+    except BaseException:
+        data_file.discard()  # neither file has changed: the marker may go
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        raise
+    data_file.commit()  # a crash before this line leaves the marker, which the reader checks
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+
+
+def check_npy_pair(path: Path, data: bytes, sidecar: Path, rows: bytes) -> None:
+    """Refuse a .npy and row list that an interrupted write left from two different runs."""
+    marker = pair_marker(path)
+    try:
+        expected = json.loads(marker.read_text(encoding="utf-8"))
+        new = (expected["npy"] == _digest(data), expected["rows"] == _digest(rows))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        new = (True, False)  # an unreadable marker: its write was cut short, so trust nothing
+    if new[0] != new[1]:
+        raise UserError(
+            f"{str(path)!r} and its row list {sidecar.name} are from two different runs "
+            "(an earlier `zsclip embed -o` was interrupted between them); run the embed again"
+        )
 
 
 @dataclass
@@ -90,9 +166,8 @@ class EmbeddingFile:
     def _jsonl_handle(self) -> IO[str]:
         # Opened on first use, so a run that fails before writing leaves no temporary file behind.
         if self._jsonl is None:
-            self._context = atomic_write(self.path, "w", encoding="utf-8")
-            self._jsonl = self._context.__enter__()
-        return self._jsonl
+            self._jsonl = OutputFile(self.path, "w", encoding="utf-8")
+        return self._jsonl.handle
 
     def write(self, item: "Embedding") -> None:
         self.kind = item.kind
@@ -109,11 +184,9 @@ class EmbeddingFile:
         if self.suffix == ".jsonl":
             if ok:
                 self._jsonl_handle()
-                self._context.__exit__(None, None, None)
-            elif (
-                self._jsonl is not None
-            ):  # hand the context an exception: it removes its temporary file
-                self._context.__exit__(RuntimeError, RuntimeError("embedding run aborted"), None)
+                self._jsonl.commit()
+            elif self._jsonl is not None:  # removes the temporary file; the old file stays
+                self._jsonl.discard()
         elif ok and self.suffix == ".npy":
             self._write_npy()
         elif ok:
@@ -128,12 +201,9 @@ class EmbeddingFile:
 
     def _write_npy(self) -> None:
         matrix = self._matrix()
-        with atomic_write(self.path, "wb") as handle:
-            handle.write(_npy_header(*matrix.shape))
-            handle.write(_le_bytes(matrix))
-        atomic_write_text(
-            sidecar_path(self.path, self.kind), "".join(_sidecar_key(k) + "\n" for k in self.keys)
-        )
+        rows = "".join(_sidecar_key(k) + "\n" for k in self.keys).encode("utf-8")
+        data = _npy_header(*matrix.shape) + _le_bytes(matrix)
+        write_npy_pair(self.path, data, sidecar_path(self.path, self.kind), rows)
 
     def _write_safetensors(self) -> None:
         from zsclip.core.safetensors_io import write_safetensors
@@ -142,7 +212,7 @@ class EmbeddingFile:
             "format": "pt",
             "zsclip.kind": self.kind,
             "zsclip.core.model": self.model_name,
-            "zsclip.rows": json.dumps(self.keys, ensure_ascii=False),
+            "zsclip.rows": json_text(self.keys),
         }
         write_safetensors(self.path, {"embeddings": self._matrix()}, metadata)
 
@@ -202,7 +272,9 @@ def read_embeddings(path: Path) -> EmbeddingTable:
     try:
         return reader(path)
     except OSError as err:
-        raise UserError(f"cannot read embeddings file {str(path)!r}: {err.strerror or err}") from None
+        raise UserError(
+            f"cannot read embeddings file {str(path)!r}: {err.strerror or err}"
+        ) from None
     except (
         ValueError,  # _Damaged, json, struct sizes, int() of huge literals, UnicodeDecodeError
         KeyError,
@@ -262,31 +334,34 @@ def _matrix_from_bytes(data: bytes, dtype_name: str, shape: tuple[int, int]) -> 
 
 
 def _read_npy(path: Path) -> EmbeddingTable:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(12)
-        if prefix[:6] != b"\x93NUMPY" or len(prefix) < 10:
-            raise _Damaged("not an .npy file")
-        major = prefix[6]
-        if major not in (1, 2, 3):
-            raise _Damaged(f"unknown .npy format version {major}")
-        if major == 1:
-            (length,), start = struct.unpack("<H", prefix[8:10]), 10
-        else:
-            (length,), start = struct.unpack("<I", prefix[8:12]), 12
-        if length > _MAX_NPY_HEADER or start + length > size:
-            raise _Damaged(f"its header claims {length} bytes, more than the file or the format allows")
-        handle.seek(start)
-        header = _npy_header_fields(handle.read(length).decode("utf-8" if major == 3 else "latin1"))
-        shape = _shape_2d(header["shape"])
-        needed = _check_length(shape, _DTYPES[header["descr"]], size - start - length)
-        vectors = _matrix_from_bytes(handle.read(needed), header["descr"], shape)
+    raw = path.read_bytes()  # the file's real size: nothing here is sized by what it claims
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 10:
+        raise _Damaged("not an .npy file")
+    major = raw[6]
+    if major not in (1, 2, 3):
+        raise _Damaged(f"unknown .npy format version {major}")
+    if major == 1:
+        (length,), start = struct.unpack("<H", raw[8:10]), 10
+    else:
+        (length,), start = struct.unpack("<I", raw[8:12]), 12
+    if length > _MAX_NPY_HEADER or start + length > len(raw):
+        raise _Damaged(f"its header claims {length} bytes, more than the file or the format allows")
+    header = _npy_header_fields(
+        raw[start : start + length].decode("utf-8" if major == 3 else "latin1")
+    )
+    shape = _shape_2d(header["shape"])
+    _check_length(shape, _DTYPES[header["descr"]], len(raw) - start - length)
+    vectors = _matrix_from_bytes(memoryview(raw)[start + length :], header["descr"], shape)
     for kind in ("path", "text"):
         sidecar = sidecar_path(path, kind)
         if sidecar.is_file():
-            keys = _sidecar_keys(sidecar)
+            rows = sidecar.read_bytes()
+            check_npy_pair(path, raw, sidecar, rows)
+            keys = _sidecar_keys(rows, sidecar.name)
             if len(keys) != shape[0]:
-                raise _Damaged(f"{sidecar.name} lists {len(keys)} rows but the array has {shape[0]}")
+                raise _Damaged(
+                    f"{sidecar.name} lists {len(keys)} rows but the array has {shape[0]}"
+                )
             return EmbeddingTable(kind, keys, vectors)
     raise UserError(
         f"{str(path)!r} has no row list beside it ({sidecar_path(path, 'path').name}); "
@@ -307,12 +382,12 @@ def _npy_header_fields(text: str) -> dict:
     return header
 
 
-def _sidecar_keys(sidecar: Path) -> list[str]:
+def _sidecar_keys(rows: bytes, name: str) -> list[str]:
     keys = []
-    for number, line in enumerate(sidecar.read_text(encoding="utf-8").split("\n")[:-1], start=1):
+    for number, line in enumerate(rows.decode("utf-8").split("\n")[:-1], start=1):
         key = json.loads(line) if line.startswith('"') else line
         if not isinstance(key, str):
-            raise _Damaged(f"{sidecar.name} line {number} is not a path or text")
+            raise _Damaged(f"{name} line {number} is not a path or text")
         keys.append(key)
     return keys
 

@@ -82,17 +82,21 @@ class _ImageFiles(torch.utils.data.Dataset):
         )
 
 
-def image_features(
-    model: Any,
-    preprocess: Any,
-    paths: Sequence[Path],
-    device: torch.device,
-    *,
-    autocast: Callable = None,
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: Progress | None = None,
-) -> torch.Tensor:
+@dataclass
+class EvalRun:
+    """What every measurement needs: a model with its tokenizer and preprocessing, and how to run it."""
+
+    model: Any  # zsclip.core.model.CLIP
+    tokenizer: Any  # zsclip.core.tokenizer.Tokenizer
+    preprocess: Any  # zsclip.core.transform.PreprocessConfig
+    device: torch.device
+    autocast: Callable | None = None  # a context manager factory (precision), or None for fp32
+    batch_size: int = 256
+    workers: int = 0  # image-loading processes
+    progress: Progress | None = None  # called with (images done, total)
+
+
+def image_features(run: EvalRun, paths: Sequence[Path]) -> torch.Tensor:
     """L2-normalised fp32 image features [N, D] on the CPU. Unreadable images raise UserError (eval
     data must be clean)."""
     from contextlib import nullcontext
@@ -100,21 +104,21 @@ def image_features(
     from zsclip.errors import InputError
 
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=workers
+        _ImageFiles(paths, run.preprocess), batch_size=run.batch_size, num_workers=run.workers
     )
     chunks, done = [], 0
     try:
         with torch.inference_mode():
             for images in loader:  # [B, 3, S, S]
-                with (autocast or nullcontext)():
-                    features = model.encode_image(images.to(device))  # [B, D]
+                with (run.autocast or nullcontext)():
+                    features = run.model.encode_image(images.to(run.device))  # [B, D]
                 chunks.append(F.normalize(features.float(), dim=-1).cpu())
                 done += images.shape[0]
-                if progress:
-                    progress(done, len(paths))
+                if run.progress:
+                    run.progress(done, len(paths))
     except InputError as err:
         raise UserError(f"an evaluation image could not be read ({err}); remove or fix it") from err
-    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.embed_dim)
+    return torch.cat(chunks) if chunks else torch.zeros(0, run.model.config.embed_dim)
 
 
 def zeroshot_scores(
@@ -136,33 +140,14 @@ def zeroshot_scores(
     }
 
 
-def evaluate_zeroshot(
-    model: Any,
-    tokenizer: Any,
-    preprocess: Any,
-    zs: ZeroShotSet,
-    device: torch.device,
-    *,
-    autocast: Callable = None,
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+def evaluate_zeroshot(run: EvalRun, zs: ZeroShotSet) -> dict[str, Any]:
+    """top1, top5, mean_per_class_recall, n and classes for a folder of class subfolders."""
     from zsclip.jobs.zeroshot import build_classifier
 
     classifier = build_classifier(
-        model, tokenizer, zs.labels, zs.templates, device=device
+        run.model, run.tokenizer, zs.labels, zs.templates, device=run.device
     )  # [D, C]
-    feats = image_features(
-        model,
-        preprocess,
-        [p for p, _ in zs.items],
-        device,
-        autocast=autocast,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
+    feats = image_features(run, [p for p, _ in zs.items])  # [N, D]
     targets = torch.tensor([t for _, t in zs.items])
     return zeroshot_scores(feats, classifier, targets, len(zs.labels))
 
@@ -185,53 +170,24 @@ def retrieval_recall(
     return out
 
 
-def evaluate_pairs(
-    model: Any,
-    tokenizer: Any,
-    preprocess: Any,
-    pairs: Sequence[Any],
-    device: torch.device,
-    *,
-    autocast: Callable = None,
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+def evaluate_pairs(run: EvalRun, pairs: Sequence[Any]) -> dict[str, Any]:
     """Retrieval recall over pairs (zsclip.train.data.Pair); returns the R@k keys and n."""
     from zsclip.jobs.zeroshot import encode_texts
 
-    images = image_features(
-        model,
-        preprocess,
-        [p.image for p in pairs],
-        device,
-        autocast=autocast,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
-    texts = encode_texts(model, tokenizer, [p.caption for p in pairs], device=device)
+    images = image_features(run, [p.image for p in pairs])  # [N, D]
+    texts = encode_texts(run.model, run.tokenizer, [p.caption for p in pairs], device=run.device)
     return {**retrieval_recall(images, texts), "n": len(pairs)}
 
 
 def validation_metrics(
-    model: Any,
-    tokenizer: Any,
-    preprocess: Any,
-    device: torch.device,
-    val_pairs: Any,
-    zeroshot: ZeroShotSet | None,
-    autocast: Callable = None,
+    run: EvalRun, val_pairs: Any, zeroshot: ZeroShotSet | None
 ) -> dict[str, float]:
     """What training logs at each checkpoint: retrieval recall on --val, zero-shot top-1 on
     --zeroshot-dir."""
     out: dict[str, float] = {}
     if val_pairs:
-        result = evaluate_pairs(model, tokenizer, preprocess, val_pairs, device, autocast=autocast)
+        result = evaluate_pairs(run, val_pairs)
         out.update({k: round(v, 4) for k, v in result.items() if "R@" in k})
     if zeroshot is not None:
-        result = evaluate_zeroshot(
-            model, tokenizer, preprocess, zeroshot, device, autocast=autocast
-        )
-        out["zeroshot_top1"] = round(result["top1"], 4)
+        out["zeroshot_top1"] = round(evaluate_zeroshot(run, zeroshot)["top1"], 4)
     return out

@@ -5,7 +5,8 @@ name at every level. Inside folders, hidden entries (`.DS_Store`, macOS `._IMG_1
 `.git/`) and files without an image extension are skipped. Symlinks are followed, but a folder
 already visited (the same device and inode) is never entered again, so link cycles cannot loop. A path that
 cannot be used (missing, a dangling link, a link cycle) becomes an input with an `error`, so the
-caller reports it and goes on.
+caller reports it and goes on; only a command-line argument that does not exist at all is a usage
+error, found before any work.
 """
 
 from __future__ import annotations
@@ -40,13 +41,31 @@ def is_image_name(name: str) -> bool:
 
 
 def read_stdin_paths(stream: TextIO) -> list[str]:
-    """Newline-separated paths; blank lines skipped, a trailing carriage return dropped, spaces kept."""
+    """Newline-separated paths; blank lines skipped, a trailing carriage return dropped, spaces kept.
+
+    Read as bytes when the stream has them, so a name that is not valid UTF-8 arrives intact (as
+    Python carries such names: os.fsdecode)."""
+    raw = getattr(stream, "buffer", None)
+    lines = (os.fsdecode(line) for line in raw) if raw is not None else stream
     paths = []
-    for line in stream:
+    for line in lines:
         line = line.rstrip("\n").rstrip("\r")
         if line.strip():
             paths.append(line)
     return paths
+
+
+def _missing_arguments(args: Sequence[str]) -> None:
+    """A path named on the command line that does not exist at all is a typo: a usage error before any
+    work. (A dangling symlink exists; it becomes an error row like any unreadable input.)"""
+    missing = [arg for arg in args if arg != "-" and not os.path.lexists(arg)]
+    if missing:
+        names = ", ".join(repr(arg) for arg in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(
+            f"INPUT {names}{more}: no such file or folder (check the spelling; `-` reads paths "
+            "from stdin)"
+        )
 
 
 def _link_problem(path: str) -> str | None:
@@ -115,11 +134,14 @@ def _enter(folder: str, seen_dirs: set[tuple[int, int]]) -> Iterator[str] | Inpu
 
 
 def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[InputItem]:
-    """Expand INPUT arguments in order. `-` reads newline-separated paths from `stdin` (once)."""
+    """Expand INPUT arguments in order. `-` reads newline-separated paths from `stdin` (once). An
+    argument that does not exist is a UserError; a path read from stdin that does not is an input
+    with an error, like an unreadable file."""
     if not args:
         raise UserError(
             "no INPUT given: name image files or folders, or `-` to read paths from stdin"
         )
+    _missing_arguments(args)
     items: list[InputItem] = []
     seen_dirs: set[tuple[int, int]] = set()
     stdin_used = False

@@ -467,3 +467,37 @@ def default_workers() -> int:
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
     return max(1, min(8, cores))
+
+
+@dataclass
+class ImageEncoder:
+    """Image files -> unit image features, the way classify, embed and search all need them: a model
+    with its preprocessing, where it runs, how files are decoded, and the optional embedding cache."""
+
+    model: "CLIP"
+    preprocess: "PreprocessConfig"
+    device: "torch.device"
+    dtype: "torch.dtype"
+    batch_size: int = 32
+    workers: int = 0  # decoding threads; 0 decodes in the calling thread
+    decode: DecodeOptions = DecodeOptions()  # exact by default; the CLI drafts
+    cache: "ImageCache | None" = None
+
+    def batches(self, items: Sequence[InputItem]) -> Iterator[tuple[list[Decoded], "torch.Tensor"]]:
+        """(batch, features [n, D]) in input order; see `encode_batches`."""
+        decoded = decoded_batches(
+            items,
+            self.preprocess,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            options=self.decode,
+            cache=self.cache,
+        )
+        return encode_batches(
+            self.model,
+            decoded,
+            device=self.device,
+            dtype=self.dtype,
+            preprocess=self.preprocess,
+            cache=self.cache,
+        )

@@ -8,11 +8,12 @@ images and labels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
 
+    from zsclip.core.checkpoints import LoadedModel
     from zsclip.core.model import CLIP
     from zsclip.core.tokenizer import Tokenizer
     from zsclip.jobs.labels import TemplateSet
@@ -90,3 +91,50 @@ def truncated_prompts(
 ) -> int:
     """How many prompts are too long for the text tower (they are cut, keeping the end token)."""
     return tokenizer.count_truncated(make_prompts(labels, templates), context_length)
+
+
+def classifier_for(
+    loaded: "LoadedModel",
+    labels: Sequence[str],
+    templates: str | None,
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    use_cache: bool = True,
+    warn: Callable[[str], None] = lambda message: None,
+) -> "torch.Tensor":
+    """[D, C] zero-shot weights for `labels` with the template set `templates` (a name or a file;
+    None: the model's own set, else photo), warning when prompts are too long for the model. Read
+    from (and written to) the classifier cache when the model has a file to identify it by."""
+    from zsclip.core.devices import precision_name
+    from zsclip.jobs import cache
+    from zsclip.jobs.labels import load_templates
+
+    template_set = load_templates(templates, model_default=loaded.metadata.get("templates"))
+    context = loaded.model.config.text.context_length
+    cut = truncated_prompts(loaded.tokenizer, labels, template_set, context)
+    if cut:
+        warn(
+            f"{cut} prompt(s) are longer than the model's {context} tokens and were cut; "
+            "use shorter labels"
+        )
+    model_id = cache.model_identity(loaded.path) if use_cache else None
+    key = None
+    if model_id is not None:
+        key = cache.classifier_key(
+            model_id,
+            loaded.tokenizer.to_metadata(),
+            list(labels),
+            template_set.templates,
+            precision_name(dtype),
+            context,
+        )
+    shape = (loaded.model.config.embed_dim, len(labels))
+    weights = cache.load_classifier(key, shape) if key is not None else None
+    if weights is None:
+        weights = build_classifier(
+            loaded.model, loaded.tokenizer, labels, template_set, device=device, dtype=dtype
+        )
+        if key is not None:
+            cache.save_classifier(key, weights, list(labels), warn=warn)
+    return weights

@@ -298,15 +298,10 @@ class Run:
             return {}
         self.model.eval()
         try:
-            result = evaluate.validation_metrics(
-                self.model,
-                self.tokenizer,
-                self.preprocess,
-                self.device,
-                self.val_pairs,
-                self.zeroshot,
-                self.autocast,
+            run = evaluate.EvalRun(
+                self.model, self.tokenizer, self.preprocess, self.device, autocast=self.autocast
             )
+            result = evaluate.validation_metrics(run, self.val_pairs, self.zeroshot)
         finally:
             self.model.train()
         record = {"event": "val", "step": self.step, **result}

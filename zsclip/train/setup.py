@@ -168,9 +168,10 @@ def _resumed_config(given: Any, state: dict) -> Any:
 def _new_model(
     config: Any, captions: list[str], hooks: Any
 ) -> tuple[Any, Any, Any, dict[str, str]]:
-    from zsclip.core.model import build_model, canonical_preset_name, get_preset
-    from zsclip.core.tokenizer import find_vocab
+    from zsclip.core.model import build_model
+    from zsclip.core.presets import canonical_preset_name, get_preset
     from zsclip.core.transform import PreprocessConfig
+    from zsclip.core.vocab import find_vocab
     from zsclip.train.bpe import train_bpe
 
     if (
@@ -209,9 +210,11 @@ def _new_model(
 
 
 def _from_state(state: dict) -> tuple[Any, Any, Any, dict[str, str]]:
-    from zsclip.core.model import CLIP, CLIPConfig
-    from zsclip.core.tokenizer import NeedsStandardVocab, Tokenizer, find_vocab
+    from zsclip.core.model import CLIP
+    from zsclip.core.presets import CLIPConfig
+    from zsclip.core.tokenizer import NeedsStandardVocab, Tokenizer
     from zsclip.core.transform import PreprocessConfig
+    from zsclip.core.vocab import find_vocab
 
     with torch.device("meta"):
         model = CLIP(CLIPConfig.from_dict(state["model_config"]))
