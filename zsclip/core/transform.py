@@ -510,8 +510,8 @@ ImageInput = Union[Image.Image, str, os.PathLike]
 class Preprocess:
     """The callable `zsclip.load()` returns: a PIL image (any mode) or a path -> FloatTensor [3, S, S].
 
-    Paths go through `load_image` (EXIF orientation, checks, transparency); with `draft=True` JPEGs
-    are decoded at a reduced scale (faster, very close); the default is the exact path.
+    Paths go through `load_image` (EXIF orientation, checks, transparency); with `draft=True` large
+    images are decoded at a reduced scale (faster, very close); the default is the exact path.
     """
 
     def __init__(self, config: PreprocessConfig | None = None, *, draft: bool = False) -> None:
