@@ -270,7 +270,7 @@ class ImageCache:
         if self._connection is None and not self._broken:
             try:
                 self._connection = self._open_read_write()
-            except (OSError, sqlite3.Error) as err:
+            except (OSError, sqlite3.Error, ValueError) as err:  # ValueError: an unencodable path
                 if _is_damage(err):
                     self._fail(self._damaged_message(err))
                     return None
@@ -304,7 +304,7 @@ class ImageCache:
         shared-memory file can be made there)."""
         if not self.path.is_file():
             return None
-        location = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        location = "file:" + urllib.parse.quote(os.fsencode(self.path.resolve()))
         for flags in ("mode=ro", "mode=ro&immutable=1"):
             try:
                 connection = sqlite3.connect(
