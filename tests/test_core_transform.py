@@ -251,7 +251,13 @@ def test_exif_orientation_comes_out_upright(tmp_path: Path, orientation: int) ->
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize(
-    "exif", [b"Exif\x00\x00MM\x00*garbage", b"Exif\x00\x00" + os.urandom(64), "bad_value"]
+    "exif",
+    [
+        b"Exif\x00\x00MM\x00*garbage",
+        b"Exif\x00\x00" + random.Random(254).randbytes(64),
+        "bad_value",
+    ],
+    ids=["truncated-tiff", "seeded-random-bytes", "bad-orientation"],
 )
 def test_broken_exif_is_ignored(tmp_path: Path, exif) -> None:
     if exif == "bad_value":
@@ -348,19 +354,35 @@ def test_bad_files_refused_with_one_line_reasons(tmp_path: Path) -> None:
         assert phrase in refused(tmp_path / name), name
 
 
-def test_unreadable_file_refused(tmp_path: Path, monkeypatch) -> None:
+def test_unreadable_file_refused(tmp_path: Path) -> None:
+    """A file without read permission: one line, "permission denied". Checked in a child process that
+    file permissions apply to even when the tests run as root (cli_helpers.obey_file_permissions)."""
+    import subprocess
+    import sys
+
+    from cli_helpers import obey_file_permissions
+
     path = tmp_path / "secret.png"
     Image.new("RGB", (2, 2)).save(path)
-    if os.geteuid() != 0:  # root reads anything: simulate the error there instead
-        path.chmod(0)
-        assert refused(path) == "permission denied"
-        path.chmod(0o644)
-
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(transform, "open", denied, raising=False)
-    assert refused(path) == "permission denied"
+    path.chmod(0)
+    probe = (
+        "import sys\n"
+        "from zsclip.core.transform import load_image\n"
+        "from zsclip.errors import InputError\n"
+        "try:\n"
+        "    load_image(sys.argv[1])\n"
+        "except InputError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=obey_file_permissions,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "permission denied\n"
 
 
 # --- frames and sizes ------------------------------------------------------------------------------------------

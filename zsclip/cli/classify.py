@@ -23,6 +23,8 @@ from zsclip.cli._options import (
     WorkersOpt,
 )
 
+MAX_WORDS_SHOWN = 8  # unknown label words named in the warning; the rest are counted
+
 EPILOG = """\b
 Examples:
   zsclip classify photos/ --labels "corgi,jazz album,mountain lake"
@@ -122,7 +124,12 @@ def classify(
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
-    """Classify images into your labels, zero-shot: no training, just class names in words."""
+    """Classify images into your labels, zero-shot: no training, just class names in words.
+
+    Without --model, the built-in demo model knows only coloured shapes ("red circle"); for photos
+    get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
+    ViT-B/32` makes it the default).
+    """
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
@@ -148,8 +155,15 @@ def classify(
     from zsclip.jobs import classify as job
 
     loaded, torch_device, dtype = load_for_inference(
-        model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
+        model,
+        vocab=vocab,
+        device=device,
+        precision=precision,
+        offline=offline,
+        quiet=quiet,
+        announce=False,
     )
+    _warn_about_labels(loaded, label_list, multi_label, quiet)
     default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
     request = job.ClassifyRequest(
         labels=label_list,
@@ -187,6 +201,36 @@ class _Sinks:
     report: Optional[Path]
     quiet: bool
     from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
+
+
+def _warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
+    """Before any result: labels the model never learnt a word of (a model that lists the words of
+    its training captions, such as the built-in one), and a lone label under softmax."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
+    from zsclip.jobs.labels import unknown_words
+
+    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
+        more = (
+            f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
+        )
+        description = loaded.metadata.get("description")
+        model = f"the {'built-in ' if loaded.builtin else ''}model {loaded.name}"
+        model += f" ({description})" if description else ""
+        warn(f"{model} never learnt the word(s) {shown}{more}: its scores for them mean nothing")
+        warn(
+            f"for a real CLIP use {real_clip_hint()}; "
+            f"`zsclip config set model {REAL_CLIP}` makes it the default"
+        )
+    else:
+        announce_builtin(loaded, quiet)
+    if len(label_list) == 1 and not multi_label:
+        warn(
+            "with one label every image scores 1.0 (a softmax over one label); add labels to choose "
+            "among, or use --multi-label to ask whether each image shows it"
+        )
 
 
 def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:

@@ -18,6 +18,20 @@ from zsclip.cli._options import OfflineOpt, QuietOpt
 from zsclip.errors import UserError
 
 FORMATS = ("table", "json")
+# What each downloadable name is, in a few words (`zsclip models`, ABOUT). Built-in models describe
+# themselves (their `description` metadata).
+DESCRIPTIONS = {
+    "RN50": "real CLIP: ResNet-50",
+    "RN101": "real CLIP: ResNet-101",
+    "RN50x4": "real CLIP: ResNet-50, 4x compute, 288 px",
+    "RN50x16": "real CLIP: ResNet-50, 16x compute, 384 px",
+    "RN50x64": "real CLIP: ResNet-50, 64x compute, 448 px",
+    "ViT-B/32": "real CLIP: the usual start on a CPU",
+    "ViT-B/16": "real CLIP: ViT-B, finer patches, slower",
+    "ViT-L/14": "real CLIP: ViT-L, for a GPU",
+    "ViT-L/14@336px": "real CLIP: the most accurate, for a GPU",
+    "vocab": "the standard BPE vocabulary, not a model",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +56,7 @@ def models_command(
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    rows = hub.catalog()
+    rows = [{**row, "description": describe(row)} for row in hub.catalog()]
     if format == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
@@ -160,15 +174,42 @@ def human_size(size: Optional[int]) -> str:
     return f"{size:.2f} GiB"
 
 
+def describe(row: dict) -> str:
+    """A model in a few words: a built-in model's own `description`, else the table's."""
+    if row["kind"] == "builtin":
+        from zsclip.escapes import for_display
+
+        return for_display(str(_header_metadata(row["path"]).get("description", "built-in model")))
+    if row["kind"] == "hf":
+        return "Hugging Face CLIP"
+    return DESCRIPTIONS.get(row["name"], "")
+
+
+def _header_metadata(path: str) -> dict:
+    """A .safetensors file's header metadata, read without torch; {} when it cannot be read."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 1 << 20:  # the built-in header is a few KiB: do not read what a file claims
+                return {}
+            metadata = json.loads(handle.read(length)).get("__metadata__")
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def render_table(rows: list[dict]) -> str:
-    """Plain aligned columns (no markup): NAME KIND SIZE CACHED PATH."""
-    header = ("NAME", "KIND", "SIZE", "CACHED", "PATH")
+    """Plain aligned columns (no markup): NAME KIND SIZE CACHED ABOUT PATH."""
+    header = ("NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH")
     lines = [header] + [
         (
             row["name"],
             row["kind"],
             human_size(row["size"]),
             "yes" if row["cached"] else "no",
+            row.get("description", ""),
             row["path"],
         )
         for row in rows

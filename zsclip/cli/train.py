@@ -20,7 +20,10 @@ def train_command(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Run folder: model, state, log, report.")
+        Path,
+        typer.Option(
+            "--output", "-o", metavar="DIR", help="Run folder: model, state, log, report."
+        ),
     ],
     val: Annotated[
         Optional[Path], typer.Option("--val", help="Pairs file for retrieval recall@1/5/10.")

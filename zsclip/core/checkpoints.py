@@ -10,13 +10,16 @@ Loading our own files never guesses. Foreign formats go through zsclip.core.fore
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from zsclip.config import ModelChoice, default_model
 from zsclip.core.foreign import (
     ForeignCheckpoint,
     looks_like_huggingface,
@@ -206,11 +209,25 @@ def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
     return LoadedModel(model, preprocess, tokenizer, path.stem, path, dict(metadata), builtin)
 
 
+@contextlib.contextmanager
+def _blamed(choice: ModelChoice | None) -> Iterator[None]:
+    """A UserError raised inside names the variable or settings file that chose the model."""
+    try:
+        yield
+    except UserError as err:
+        if choice is not None:
+            err.args = (choice.blame(str(err)), *err.args[1:])
+        raise
+
+
 def resolve_spec(spec: str | os.PathLike | None, *, offline: bool = False, progress=None) -> Path:
-    """Turn what the user typed into a path: a file or folder, a built-in name, or a downloadable name."""
+    """Turn what the user typed into a path: a file or folder, a built-in name, or a downloadable name.
+    None: $ZSCLIP_MODEL, else the settings file's model (zsclip.config), else the built-in model."""
     if spec is None or str(spec) == "":
-        spec = os.environ.get("ZSCLIP_MODEL") or None
-    if spec is None:
+        choice = default_model()
+        if choice is not None:
+            with _blamed(choice):
+                return resolve_spec(choice.spec, offline=offline, progress=progress)
         builtins = builtin_models()
         if not builtins:
             raise UserError(
@@ -248,15 +265,17 @@ def load_model(
     offline: bool = False,
     progress=None,
 ) -> LoadedModel:
-    """Load a model by name or path (None: $ZSCLIP_MODEL, else the built-in model), in eval mode on
-    `device`."""
-    path = resolve_spec(spec, offline=offline, progress=progress)
+    """Load a model by name or path (None: $ZSCLIP_MODEL, else the settings file's model, else the
+    built-in model), in eval mode on `device`."""
+    choice = default_model() if spec is None or str(spec) == "" else None
     if vocab is None and os.environ.get("ZSCLIP_VOCAB"):
         vocab = os.environ[
             "ZSCLIP_VOCAB"
         ]  # the issue's order: --vocab and $ZSCLIP_VOCAB come first
-    loaded = load_path(path, vocab=Path(vocab) if vocab is not None else None)
-    if spec is not None:
-        loaded.name = str(spec)
+    with _blamed(choice):  # a bad default names where it came from
+        path = resolve_spec(choice.spec if choice else spec, offline=offline, progress=progress)
+        loaded = load_path(path, vocab=Path(vocab) if vocab is not None else None)
+    if choice is not None or str(spec or ""):
+        loaded.name = choice.spec if choice is not None else str(spec)
     loaded.model.to(device)
     return loaded

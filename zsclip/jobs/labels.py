@@ -11,6 +11,7 @@ a user's file works the same way.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,23 @@ def resolve_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     if labels_file is not None:
         return read_labels_file(labels_file)
     raise UserError('no labels: give --labels "cat,dog" or --labels-file classes.txt')
+
+
+def words_of(text: str) -> list[str]:
+    """The words of a label or caption as a tokenizer sees them: NFC, case-folded, runs of letters
+    and digits (punctuation and spaces between them are not words)."""
+    return re.findall(r"[^\W_]+", unicodedata.normalize("NFC", text).casefold())
+
+
+def unknown_words(labels: list[str], known: str) -> list[str]:
+    """The words of `labels` that are not in `known` (a checkpoint's `caption_words` metadata: every
+    word its training captions hold, space-separated), each once, in order of appearance. Empty
+    when `known` is empty: a model that does not list its words is not judged."""
+    vocabulary = set(known.split())
+    if not vocabulary:
+        return []
+    missing = (word for label in labels for word in words_of(label) if word not in vocabulary)
+    return list(dict.fromkeys(missing))
 
 
 def parse_templates(text: str, name: str) -> TemplateSet:

@@ -103,6 +103,24 @@ def label(colour: str, shape: str) -> str:
     return f"{colour} {shape}"
 
 
+def caption_words() -> list[str]:
+    """Every word a caption of this world can hold (see `caption`), sorted: the only words a model
+    trained on it has met. The built-in model carries this list as its `caption_words` metadata."""
+    phrases = [
+        *COLOURS,
+        *SHAPES,
+        *PLURALS.values(),
+        *BACKGROUNDS,
+        *POSITIONS,
+        *COUNT_WORDS.values(),
+        *PREFIXES,
+        "there are",
+        "one an small large",
+        "on a background",
+    ]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
 @dataclass
 class Scene:
     colour: str
