@@ -105,7 +105,7 @@ def read_pairs(path: Path, option: str = "--data") -> tuple[list[Pair], list[str
     )
     pairs: list[Pair] = []
     problems: list[str] = []
-    first = True
+    first, number = True, 0
     try:
         for number, fields, problem in rows:
             if problem is None and fields == []:
@@ -128,6 +128,8 @@ def read_pairs(path: Path, option: str = "--data") -> tuple[list[Pair], list[str
             )
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save the pairs file as UTF-8") from None
+    except csv.Error as err:  # e.g. a field longer than the csv module's limit (128 KiB)
+        raise UserError(f"{path} is not valid CSV after line {number}: {err}") from None
     return pairs, problems
 
 
