@@ -1,6 +1,7 @@
 """Where `zsclip duplicates` should draw its line: cosines of edited copies vs other shots of a scene.
 
     python benchmarks/bench_duplicates.py [--model NAME] [--scenes 120] [--photos 30] [--workdir DIR]
+    python benchmarks/bench_duplicates.py --write 0.96     # store the choice in the built-in model
 
 Two worlds, each image written to disk and embedded through the same pipeline as the CLI (draft
 decoding, the model's preprocessing):
@@ -17,6 +18,9 @@ their positions moved by up to 4% and the background re-drawn; photos: the camer
 25%, exposure changed) and another picture with the same content (shapes: same colour and shape;
 photos: another frame). Printed: percentiles per kind, then the share of pairs at or above each
 threshold, which is what the default is chosen from (docs/search.md).
+
+--write T stores `duplicate_threshold` = T in weights/zsclip-shapes.safetensors' header metadata
+(every tensor byte kept and checked, written atomically; benchmarks/shapes_threshold.py does it).
 """
 
 from __future__ import annotations
@@ -148,7 +152,18 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=120, help="shapes pictures")
     parser.add_argument("--photos", type=int, default=30, help="photo-like pictures")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--write", type=float, default=None, help="store this threshold in the built-in model"
+    )
     args = parser.parse_args()
+    if args.write is not None:
+        from shapes_threshold import write_metadata
+
+        from zsclip.jobs.duplicates import METADATA_KEY
+
+        weights = Path(__file__).resolve().parent.parent / "weights" / "zsclip-shapes.safetensors"
+        write_metadata(weights, {METADATA_KEY: f"{args.write:g}"})
+        return
     loaded = load_model(args.model)
     encoder = ImageEncoder(
         loaded.model,

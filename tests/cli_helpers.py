@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +105,45 @@ def make_photo_folder(root: Path) -> list[str]:
         os.path.join(str(root), name)
         for name in ("a.jpg", "b.png", "sub/c.jpg", "sub/d, with comma.png")
     ]
+
+
+# Linux capabilities that let root ignore file permissions (linux/capability.h).
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+_PR_CAPBSET_DROP = 24
+
+
+def obey_file_permissions() -> None:
+    """A subprocess `preexec_fn`: the program it runs checks file permissions as any user's would.
+
+    CI runs the tests as root, who reads and writes everything, so a `chmod 0` file would never be
+    refused. Under root, this drops the two capabilities that override permissions (DAC_OVERRIDE,
+    DAC_READ_SEARCH) from the bounding set, so the program exec'd next never has them; it stays
+    root otherwise (it can still run the interpreter under /root). A user other than root needs
+    nothing dropped."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed: needs CAP_SETPCAP")
+
+
+def run_zsclip(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    unprivileged: bool = False,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    """`python -m zsclip ARGS` in a child process (text output captured); with `unprivileged`, one
+    that file permissions apply to even when the tests run as root (obey_file_permissions)."""
+    return subprocess.run(
+        [sys.executable, "-m", "zsclip", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        preexec_fn=obey_file_permissions if unprivileged else None,
+    )

@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from cli_helpers import build_tiny_checkpoint, make_image, run_cli
+from cli_helpers import build_tiny_checkpoint, make_image, run_cli, run_zsclip
 
 LABELS = "red,green,blue"
 
@@ -69,9 +69,7 @@ def build_bad_folder(root: Path) -> tuple[set[str], set[str]]:
         "loop-b.jpg",
         "fifo.jpg",
     }
-    if os.geteuid() != 0:  # root reads anything, so permissions only bite for other users
-        make_image(root / "no-permission.png").chmod(0)
-        bad.add("no-permission.png")
+    # (files and folders without permission: test_no_permission_gives_error_rows_even_as_root)
     os.symlink(root, root / "folder-cycle")  # followed at most once: adds nothing, loops never
 
     # Readable, each in its own awkward way
@@ -165,3 +163,71 @@ def test_exif_rotation_is_applied_before_the_model(model: str, tmp_path: Path) -
     cosine = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731 (unit vectors)
     assert cosine(up, tagged) > 0.9999
     assert cosine(up, untagged) < cosine(up, tagged)
+
+
+def test_no_permission_gives_error_rows_even_as_root(model: str, tmp_path: Path) -> None:
+    """A file that cannot be read, a folder that cannot be listed, and a cache folder that cannot be
+    written: each unreadable input is an error row and
+    one stderr line, the readable one is classified, the cache says once that it is off, exit 1.
+    Run in a child process that permissions apply to even under root (CI runs as root)."""
+    photos = tmp_path / "photos"
+    make_image(photos / "readable.png")
+    make_image(photos / "no-read.png").chmod(0)
+    make_image(photos / "locked" / "inside.png")
+    (photos / "locked").chmod(0)  # cannot be listed
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o555)
+    try:
+        done = run_zsclip(
+            [
+                "classify",
+                str(photos),
+                "--model",
+                model,
+                "-t",
+                "simple",
+                "--labels",
+                LABELS,
+                "-f",
+                "jsonl",
+            ],
+            env={"ZSCLIP_CACHE": str(cache)},
+            unprivileged=True,
+        )
+    finally:
+        (photos / "locked").chmod(0o755)  # so that pytest can clean up
+    assert done.returncode == 1, done.stderr
+    rows = {row["path"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert list(rows) == [
+        str(photos / "locked"),
+        str(photos / "no-read.png"),
+        str(photos / "readable.png"),
+    ]
+    assert rows[str(photos / "readable.png")]["label"] in LABELS.split(",")
+    for path in (photos / "locked", photos / "no-read.png"):
+        assert "permission denied" in rows[str(path)]["error"].lower(), rows[str(path)]
+    lines = done.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("zsclip: error: ")]
+    assert len(errors) == 2 and all("ermission denied" in line for line in errors)
+    warnings = [line for line in lines if line.startswith("zsclip: warning: ")]
+    assert len(warnings) == 2  # the image cache and the classifier cache, once each
+    assert "Traceback" not in done.stderr and not any(cache.iterdir())
+
+
+def test_a_file_in_a_folder_that_cannot_be_entered_is_not_called_missing(
+    model: str, tmp_path: Path
+) -> None:
+    make_image(tmp_path / "shut" / "inside.png")
+    (tmp_path / "shut").chmod(0o600)  # can be listed by its owner, not entered
+    try:
+        done = run_zsclip(
+            ["classify", str(tmp_path / "shut" / "inside.png"), "--model", model, "-l", LABELS],
+            env={"ZSCLIP_CACHE": str(tmp_path / "cache")},
+            unprivileged=True,
+        )
+    finally:
+        (tmp_path / "shut").chmod(0o755)
+    assert "no such file" not in done.stderr and "ermission denied" in done.stderr, done.stderr
+    assert done.returncode == 1  # an error row, as for any unreadable input; not a usage error
+    (row,) = map(json.loads, done.stdout.splitlines())
+    assert "ermission denied" in row["error"]

@@ -38,6 +38,12 @@ def parse(fmt: str, text: str) -> list[dict]:
     return [{**row, "score": float(row["score"]) if row["score"] else None} for row in rows]
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The body of a rich table as cells: [[path, label, score, next], ...]."""
+    lines = [line for line in text.splitlines() if "\u2502" in line]  # the column separator
+    return [[cell.strip() for cell in line.split("\u2502")] for line in lines]
+
+
 @pytest.mark.parametrize("kind", ["arguments", "folder", "stdin"])
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "table"])
 def test_formats_and_input_kinds(world: dict, fmt: str, kind: str) -> None:
@@ -48,12 +54,23 @@ def test_formats_and_input_kinds(world: dict, fmt: str, kind: str) -> None:
         args, stdin = [str(world["root"] / "photos")], None
     else:
         args, stdin = ["-"], "\n".join(expected) + "\n"
-    result = classify(world, *args, "--labels", LABELS, "--format", fmt, "-k", "2", input=stdin)
+    wide = {"COLUMNS": "400"}  # so that no cell of the table wraps
+    result = classify(
+        world, *args, "--labels", LABELS, "--format", fmt, "-k", "2", input=stdin, env=wide
+    )
     assert result.code == 0, result.stderr
     assert result.stderr == ""  # nothing to say: no errors, no progress bar off a terminal
     if fmt == "table":
-        for path in expected:
-            assert os.path.basename(path) in result.stdout
+        jsonl = classify(world, *expected, "--labels", LABELS, "-f", "jsonl", "-k", "2").stdout
+        assert table_rows(result.stdout) == [
+            [
+                row["path"],
+                row["label"],
+                f"{row['score']:.3f}",
+                f"{row['top'][1]['label']} {row['top'][1]['score']:.2f}",
+            ]
+            for row in parse("jsonl", jsonl)
+        ]
         return
     rows = parse(fmt, result.stdout)
     assert [row["path"] for row in rows] == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -34,7 +35,10 @@ def images_rendered(html_file: Path, scratch: Path) -> tuple[int, int]:
     """(decoded, total) images of the page as headless Chromium sees them."""
     browser = find_chromium()
     if browser is None:
-        pytest.skip("headless browser test needs Chromium: apt-get install -y chromium")
+        message = "headless browser test needs Chromium: apt-get install -y chromium"
+        if os.environ.get("ZSCLIP_REQUIRE_BROWSER", "") not in ("", "0"):
+            pytest.fail(f"{message} (ZSCLIP_REQUIRE_BROWSER is set, as in .ci/run)")
+        pytest.skip(message)
     probe = scratch / "probe.html"
     probe.write_text(
         html_file.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),

@@ -2,7 +2,8 @@
 
 User mistakes raise zsclip.errors.UserError; `main` prints its message as one line on stderr and
 exits with its code (2 for usage errors, 3 when an output could not be written). ZSCLIP_DEBUG=1
-shows the traceback instead. SIGINT (Ctrl-C), SIGTERM and SIGHUP unwind the command like an
+shows the traceback instead. Click's own usage errors (an unknown option, a value out of range)
+become one line the same way. SIGINT (Ctrl-C), SIGTERM and SIGHUP unwind the command like an
 exception, so every writer removes its temporary file, then `zsclip: interrupted` and exit status
 128 + the signal's number (130, 143, 129). A signal the caller ignores (nohup) stays ignored.
 """
@@ -14,25 +15,29 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import typer
 
 from zsclip.cli import (
     classify,
+    config,
     convert,
     duplicates,
     embed,
     evaluate,
     models,
     search,
+    serve,
     shapes,
     train,
 )
+from zsclip.cli._help import WordedGroup
 from zsclip.errors import UserError
 
 app = typer.Typer(
     name="zsclip",
+    cls=WordedGroup,  # placeholders in --help read as words (--top-k N), not Python types
     help=(
         "Zero-shot image classification with CLIP.\n\n"
         'Example: zsclip classify photos/ --labels "corgi,jazz album"'
@@ -46,12 +51,42 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, search, duplicates, embed, train, evaluate, shapes, models, convert):
+for _command in (
+    classify,
+    search,
+    duplicates,
+    embed,
+    train,
+    evaluate,
+    shapes,
+    models,
+    convert,
+    config,
+    serve,
+):
     _command.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from zsclip.version import __version__
+
+        print(f"zsclip {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _before_any_command() -> None:
+def _before_any_command(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print zsclip's version and exit.",
+        ),
+    ] = False,
+) -> None:
     # Click runs this before every command but never for `zsclip --help`, so what it imports
     # (zsclip.core.catalogue: urllib, http.client, ssl, ~50 ms) stays off the help path.
     from zsclip.cli.models import install_download_progress
@@ -161,10 +196,22 @@ def main() -> None:
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             if debug:
                 raise
-            err.show()
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `zsclip`: the help text
+                err.show()
+            else:
+                print(_usage_line(err), file=sys.stderr)
             sys.exit(err.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(err: Exception) -> str:
+    """A click usage error (unknown option, bad value, missing argument) as one line, like every
+    other zsclip error, naming the help that lists the options."""
+    message = " ".join(str(err.format_message()).split())  # type: ignore[attr-defined]
+    context = getattr(err, "ctx", None)
+    hint = f" (see '{context.command_path} --help')" if context is not None else ""
+    return f"zsclip: error: {message}{hint}"
 
 
 def run() -> None:

@@ -23,17 +23,21 @@ from zsclip.cli._options import (
     WorkersOpt,
 )
 
+MAX_WORDS_SHOWN = 8  # unknown label words named in the warning; the rest are counted
+
 EPILOG = """\b
 Examples:
   zsclip classify photos/ --labels "corgi,jazz album,mountain lake"
   find ~/Pictures -name '*.jpg' | zsclip classify - --labels-file classes.txt --format jsonl | jq .label
   zsclip classify photos/ -L classes.txt --multi-label --threshold 0.25 --report photos.html
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
+  zsclip classify photo.jpg --labels "cat,dog" --server http://127.0.0.1:8765   # a running `zsclip serve`
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
 Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
-3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
+3 the output could not be written, 4 no server answers at --server, 130/143/129 stopped by
+Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -121,16 +125,29 @@ def classify(
     cache: CacheOpt = True,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
+    server: Annotated[
+        Optional[str],
+        typer.Option(
+            "--server",
+            envvar="ZSCLIP_SERVER",
+            show_envvar=True,
+            help="Send the images to a running `zsclip serve` at this URL instead of loading a "
+            "model here (same output; its token from ZSCLIP_TOKEN).",
+        ),
+    ] = None,
 ) -> None:
-    """Classify images into your labels, zero-shot: no training, just class names in words."""
+    """Classify images into your labels, zero-shot: no training, just class names in words.
+
+    Without --model, the built-in demo model knows only coloured shapes ("red circle"); for photos
+    get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
+    ViT-B/32` makes it the default).
+    """
     from zsclip.cli._output import stdout_is_terminal, warn
-    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
-    from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
+    from zsclip.jobs.classify import ClassifyOptions, model_threshold
     from zsclip.jobs.labels import resolve_labels
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     label_list = resolve_labels(labels, labels_file)
     if threshold is not None and not multi_label:
@@ -139,18 +156,46 @@ def classify(
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
+    if server:
+        _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
+        _refuse_local_options(precision=None if precision == "fp32" else precision)
     items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
+    if server:
+        from zsclip.cli._remote import RemoteClassify
+
+        request = RemoteClassify(
+            labels=label_list,
+            templates=templates,
+            top_k=top_k,
+            multi_label=multi_label,
+            threshold=threshold,
+            exact_preprocess=exact_preprocess,
+            batch_size=batch_size,
+        )
+        sinks = _Sinks(chosen_format, output, report, quiet, thumbnails_from_files=True)
+        _classify_remote(server, items, request, sinks)
+        return
+
+    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import cache_summary, load_for_inference
     from zsclip.jobs import classify as job
+    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     loaded, torch_device, dtype = load_for_inference(
-        model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
+        model,
+        vocab=vocab,
+        device=device,
+        precision=precision,
+        offline=offline,
+        quiet=quiet,
+        announce=False,
     )
-    default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
+    _warn_about_labels(loaded, label_list, multi_label, quiet)
+    default_threshold = model_threshold(loaded.metadata)
     request = job.ClassifyRequest(
         labels=label_list,
         templates=templates,
@@ -171,11 +216,35 @@ def classify(
         use_cache=cache,
     )
     run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
-    sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
+    sinks = _Sinks(
+        chosen_format, output, report, quiet, thumbnails_from_files=embeddings is not None
+    )
     try:  # exits 1 if some inputs failed
         _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
     finally:
         cache_summary(run.cache, quiet)
+
+
+def _refuse_local_options(**given) -> None:
+    """Options that choose or run the model here mean nothing with --server: say so."""
+    from zsclip.errors import UserError
+
+    for name, value in given.items():
+        if value is not None and value != "auto":
+            raise UserError(
+                f"--{name} does not apply with --server (the server's model answers); drop one"
+            )
+
+
+def _classify_remote(url: str, items, request, sinks: _Sinks) -> None:
+    """--server: the same rows, written the same way, from a running `zsclip serve`."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._remote import classify_remote
+    from zsclip.jobs.classify import ClassifyOptions
+
+    run = classify_remote(url, items, request, warn)
+    options = ClassifyOptions(top_k=request.top_k, multi_label=request.multi_label)
+    _write(run.predictions, run.total, request.labels, options, sinks, run.model)
 
 
 @dataclass(frozen=True)
@@ -186,14 +255,37 @@ class _Sinks:
     output: Optional[Path]
     report: Optional[Path]
     quiet: bool
-    from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
+    thumbnails_from_files: bool  # no images were decoded here: report thumbnails read the files
 
 
-def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:
-    try:
-        return float(metadata[key])
-    except (KeyError, ValueError):
-        return default
+def _warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
+    """Before any result: labels the model never learnt a word of (a model that lists the words of
+    its training captions, such as the built-in one), and a lone label under softmax."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
+    from zsclip.jobs.labels import unknown_words
+
+    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
+        more = (
+            f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
+        )
+        description = loaded.metadata.get("description")
+        model = f"the {'built-in ' if loaded.builtin else ''}model {loaded.name}"
+        model += f" ({description})" if description else ""
+        warn(f"{model} never learnt the word(s) {shown}{more}: its scores for them mean nothing")
+        warn(
+            f"for a real CLIP use {real_clip_hint()}; "
+            f"`zsclip config set model {REAL_CLIP}` makes it the default"
+        )
+    else:
+        announce_builtin(loaded, quiet)
+    if len(label_list) == 1 and not multi_label:
+        warn(
+            "with one label every image scores 1.0 (a softmax over one label); add labels to choose "
+            "among, or use --multi-label to ask whether each image shows it"
+        )
 
 
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
@@ -221,15 +313,20 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
         writer.close()
     if sinks.report is not None:
         _write_report(
-            sinks.report, kept, label_list, model_name, options.multi_label, sinks.from_embeddings
+            sinks.report,
+            kept,
+            label_list,
+            model_name,
+            options.multi_label,
+            sinks.thumbnails_from_files,
         )
     finish(failures, total, sinks.quiet)
 
 
-def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:
+def _write_report(path, predictions, label_list, model_name, multi_label, from_files) -> None:
     from zsclip.cli._report import thumbnail_for, write_report
 
-    if from_embeddings:  # nothing was decoded: read thumbnails from the files if still there
+    if from_files:  # nothing was decoded here: read thumbnails from the files if still there
         for prediction in predictions:
             if prediction.error is None:
                 prediction.thumbnail = thumbnail_for(prediction.path)

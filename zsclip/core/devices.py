@@ -28,8 +28,8 @@ PRECISIONS = {
 
 
 def resolve_device(name: str) -> "torch.device":
-    """`auto` picks CUDA when a GPU is usable, else the CPU. An unusable explicit choice is a usage
-    error."""
+    """`auto` picks CUDA when a GPU is usable, else the CPU. A malformed name, or an explicit choice
+    this machine cannot honour, is a usage error (the spelling is checked first, GPU or not)."""
     import torch
 
     name = (name or "auto").strip().lower()
@@ -37,23 +37,20 @@ def resolve_device(name: str) -> "torch.device":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {name}: no CUDA GPU is available here (or torch is a CPU build); "
-                "use --device cpu"
-            )
-        index = name.partition(":")[2]
-        if index:
-            if not index.isdigit():
-                raise UserError(f"--device {name}: write cuda:N with N a GPU number, e.g. cuda:0")
-            if int(index) >= torch.cuda.device_count():
-                raise UserError(
-                    f"--device {name}: only {torch.cuda.device_count()} GPU(s) here "
-                    f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
-                )
-        return torch.device(name)
-    raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    if name != "cuda" and not name.startswith("cuda:"):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N")
+    index = name.partition(":")[2] if ":" in name else None
+    if index is not None and not (index.isascii() and index.isdigit()):
+        raise UserError(f"--device {name}: write cuda:N with N a GPU number, e.g. cuda:0")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name}: no CUDA GPU is available here (or torch is a CPU build); "
+            "use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise UserError(f"--device {name}: only {count} GPU(s) here (cuda:0 .. cuda:{count - 1})")
+    return torch.device("cuda" if index is None else f"cuda:{int(index)}")
 
 
 def resolve_precision(name: str, device: "torch.device") -> "torch.dtype":
