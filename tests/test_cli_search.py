@@ -122,6 +122,25 @@ def test_other_formats(world: dict, fmt: str) -> None:
     assert all(float(row["score"]) <= 1 and row["error"] == "" for row in table)
 
 
+def test_saved_embeddings_rank_as_the_images_do(world: dict, tmp_path: Path) -> None:
+    """`--embeddings` (a file from `zsclip embed`) reads no image and ranks as the images rank."""
+    saved = tmp_path / "photos.npy"
+    assert run_cli(["embed", str(world["photos"]), "-o", str(saved), "-q"]).code == 0
+    from_images = rows(search(str(world["photos"]), "--text", "red circle", "-k", "12").stdout)
+    from_file = search("--embeddings", str(saved), "--text", "red circle", "-k", "12")
+    assert from_file.code == 0, from_file.stderr
+    found = rows(from_file.stdout)
+    assert [row["path"] for row in found] == [row["path"] for row in from_images]
+    # the same fp32 vectors, normalised once more: equal to the printed 6 decimals, give or take one
+    assert all(abs(a["score"] - b["score"]) <= 2e-6 for a, b in zip(found, from_images))
+    texts = tmp_path / "texts.jsonl"
+    assert run_cli(["embed", "--text", "red circle", "-o", str(texts), "-q"]).code == 0
+    wrong = search("--embeddings", str(texts), "--text", "red circle")
+    assert wrong.code == 2 and "search needs image embeddings" in wrong.stderr
+    both = search(str(world["photos"]), "--embeddings", str(saved), "--text", "red circle")
+    assert both.code == 2 and "not both" in both.stderr
+
+
 def test_unreadable_images_are_error_rows_after_the_ranking(world: dict, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     shutil.copytree(world["photos"], folder)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import csv
 from typing import IO, TYPE_CHECKING
 
-from zsclip.cli._writers import _score, path_budget, shorten_left
+from zsclip.cli._writers import path_budget, shorten_left
 from zsclip.errors import UserError
 from zsclip.escapes import csv_text, for_display, json_text
+from zsclip.jobs.classify import _score
 
 if TYPE_CHECKING:
     from zsclip.jobs.duplicates import Group

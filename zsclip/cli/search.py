@@ -26,6 +26,7 @@ Examples:
   zsclip search photos/ --text "a dog on the beach at sunset"
   zsclip search photos/ --text "a mountain lake" --not "people" --top-k 50 --report lakes.html
   zsclip search photos/ --image photos/corgi.jpg --min-score 0.8 --format csv -o similar.csv
+  zsclip embed photos/ -o photos.npy && zsclip search --embeddings photos.npy --text "a red car"
 
 \b
 Scores are cosine similarities between each image and the query, in [-1, 1]. Several --text and
@@ -41,7 +42,11 @@ TextOpt = Annotated[
 ]
 NotOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--not", help="Words to move away from (repeatable; subtracted from the query)."),
+    typer.Option(
+        "--not",
+        metavar="TEXT",
+        help="Words to move away from (repeatable; subtracted from the query).",
+    ),
 ]
 ImageOpt = Annotated[
     Optional[list[Path]],
@@ -53,6 +58,7 @@ IndexOpt = Annotated[
     str,
     typer.Option(
         "--index",
+        metavar="auto|always|never",
         help="auto: the approximate index (pip install 'zsclip[index]') for 50,000 images and more, "
         "exact below; always; never (always exact).",
     ),
@@ -104,6 +110,14 @@ def search(
             "--report", help="Also write a self-contained HTML page of the results with thumbnails."
         ),
     ] = None,
+    embeddings: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--embeddings",
+            help="Search image embeddings saved by `zsclip embed` (.npy, .safetensors, .jsonl) "
+            "instead of reading images.",
+        ),
+    ] = None,
     model: ModelOpt = None,
     vocab: VocabOpt = None,
     device: DeviceOpt = "auto",
@@ -119,6 +133,7 @@ def search(
     from zsclip.cli._output import note, progress, stdout_is_terminal, warn
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
+    from zsclip.errors import UserError
     from zsclip.jobs.search import DEFAULT_TOP_K, Limit, Query
 
     query = Query(tuple(text or ()), tuple(str(p) for p in image or ()), tuple(negative or ()))
@@ -127,8 +142,10 @@ def search(
     check_examples(query.images)
     check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
-    items = gather_inputs(inputs, quiet)
-    if not items:
+    if embeddings is not None and inputs:
+        raise UserError("give INPUT images or --embeddings FILE, not both")
+    items = [] if embeddings is not None else gather_inputs(inputs, quiet)
+    if not items and embeddings is None:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
@@ -148,6 +165,7 @@ def search(
         decode=DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess),
         use_cache=cache,
         index=index,
+        embeddings=embeddings,
     )
     with progress(len(items), "searching", quiet=quiet) as bar:
         run = job.start(

@@ -261,23 +261,24 @@ def start(
 
 
 def read_image_embeddings(
-    path: "Path", loaded: "LoadedModel", warn: Callable[[str], None]
+    path: "Path", loaded: "LoadedModel", warn: Callable[[str], None], *, command: str = "classify"
 ) -> "EmbeddingTable":
-    """A file of saved image embeddings, checked against the model that will score them."""
+    """A file of saved image embeddings, checked against the model that will score them
+    (`command` names the one reading it, in the messages)."""
     from zsclip.errors import UserError
     from zsclip.jobs.embedding_files import read_embeddings
 
     table = read_embeddings(path)
     if table.kind != "path":
         raise UserError(
-            f"{path} holds text embeddings; classify needs image embeddings "
+            f"{path} holds text embeddings; {command} needs image embeddings "
             "(zsclip embed IMAGES -o FILE)"
         )
     dim, expected = (table.vectors.shape[1] if table.keys else None), loaded.model.config.embed_dim
     if dim is not None and dim != expected:
         raise UserError(
             f"{path} holds {dim}-dimensional embeddings but model {loaded.name} makes {expected}; "
-            "classify with the model that embedded them (--model)"
+            f"{command} with the model that embedded them (--model)"
         )
     if table.model_name and table.model_name != loaded.name:
         warn(

@@ -30,6 +30,8 @@ from zsclip.errors import UserError
 from zsclip.jobs.inputs import InputItem
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from zsclip.core.checkpoints import LoadedModel
@@ -88,6 +90,7 @@ class SearchRequest:
     decode: "DecodeOptions | None" = None  # None: exact decoding
     use_cache: bool = True
     index: str = "auto"  # auto (by size, when installed), always, never
+    embeddings: "Path | None" = None  # rank image embeddings saved by `zsclip embed` instead
 
 
 @dataclass
@@ -405,6 +408,8 @@ def start(
 
     request.query.check()
     decode = request.decode or DecodeOptions()
+    if request.embeddings is not None:
+        return _search_file(loaded, request, decode, device=device, dtype=dtype, warn=warn)
     cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
@@ -431,3 +436,33 @@ def start(
     hits = [Hit(items[position].path, score) for position, score in ranked]
     hits += [Hit(items[position].path, error=reason) for position, reason in sorted(errors)]
     return SearchRun(hits, len(items), cache, method, errors=len(errors))
+
+
+def _search_file(
+    loaded: "LoadedModel",
+    request: SearchRequest,
+    decode: "DecodeOptions",
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    warn: Note,
+) -> SearchRun:
+    """Rank the rows of a file of saved image embeddings: no image is read (an --image example
+    is still encoded); the file's error rows come after the ranking, as unreadable inputs do."""
+    from zsclip.jobs.classify import read_image_embeddings
+    from zsclip.jobs.pipeline import ImageEncoder
+
+    table = read_image_embeddings(request.embeddings, loaded, warn, command="search")
+    encoder = ImageEncoder(
+        loaded.model, loaded.preprocess, device, dtype, batch_size=request.batch_size, decode=decode
+    )
+    query = query_vector(loaded, encoder, request.query, device=device, dtype=dtype)
+    vectors = table.vectors  # [N, D]; embed writes unit rows, but a hand-made file may not
+    for start in range(0, len(vectors), _CHUNK):
+        part = vectors[start : start + _CHUNK]
+        part /= part.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ranked = rank_matrix(vectors, query.float().cpu(), request.limit, range(len(vectors)))
+    hits = [Hit(table.keys[row], score) for row, score in ranked]
+    hits += [Hit(key, error=reason) for _, key, reason in table.errors]
+    total = len(table.keys) + len(table.errors)
+    return SearchRun(hits, total, None, "exact", errors=len(table.errors))

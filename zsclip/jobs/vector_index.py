@@ -69,10 +69,14 @@ class DamagedIndex(Exception):
 
 
 def available() -> bool:
-    """True when the optional extra (usearch, numpy) can be imported."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(name) is not None for name in ("usearch", "numpy"))
+    """True when the optional extra (usearch, numpy) imports: a broken install (a missing shared
+    library, a wheel for another Python) counts as absent, so the run stays exact."""
+    try:
+        import numpy  # noqa: F401
+        import usearch.index  # noqa: F401
+    except Exception:  # ImportError, OSError from a shared library, anything a bad wheel raises
+        return False
+    return True
 
 
 def index_path(variant: str, root: Path | None = None) -> Path:
