@@ -324,7 +324,7 @@ def start(
     reps = [p for p in range(len(items)) if p not in copy_of]
     progress(len(copy_of))
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,

@@ -410,7 +410,7 @@ def start(
     decode = request.decode or DecodeOptions()
     if request.embeddings is not None:
         return _search_file(loaded, request, decode, device=device, dtype=dtype, warn=warn)
-    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,
