@@ -59,8 +59,8 @@ IndexOpt = Annotated[
     typer.Option(
         "--index",
         metavar="auto|always|never",
-        help="auto: the approximate index (pip install 'zsclip[index]') for 50,000 images and more, "
-        "exact below; always; never (always exact).",
+        help="auto: the approximate index (pip install 'zsclip[index]') for large folders (search: "
+        "50,000 images and more; duplicates: 200,000), exact below; always; never (always exact).",
     ),
 ]
 FormatOpt = Annotated[

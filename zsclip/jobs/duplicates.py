@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 
 DEFAULT_THRESHOLD = 0.97  # cosine, for models that name none; docs/search.md has the measurements
 METADATA_KEY = "duplicate_threshold"
-DUPLICATES_INDEX_MIN = 50_000  # below: the exact blocked pass (docs/performance.md, "Search")
+# Below this many distinct images, the exact blocked pass: it costs N^2 but cheap pairs, and at 100,000
+# still took half the CPU of the index's neighbour pass (docs/performance.md, "Search and duplicates at
+# scale"); the two cross near 200,000.
+DUPLICATES_INDEX_MIN = 200_000
 BLOCK = 4096  # tile side of the exact pass: 64 MiB of fp32 scores
 NEIGHBOURS = 16  # per image from the index; larger groups still join through their members
 MAX_EDGES_PER_IMAGE = 50  # more pairs than this above the threshold: not duplicates any more
