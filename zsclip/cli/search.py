@@ -58,7 +58,7 @@ IndexOpt = Annotated[
     str,
     typer.Option(
         "--index",
-        metavar="auto|always|never",
+        metavar="MODE",
         help="auto: the approximate index (pip install 'zsclip[index]') for large folders (search: "
         "50,000 images and more; duplicates: 200,000), exact below; always; never (always exact).",
     ),
