@@ -19,7 +19,7 @@ from typing import Annotated, Iterator
 
 import typer
 
-from zsclip.cli import classify, config, convert, embed, evaluate, models, shapes, train
+from zsclip.cli import classify, config, convert, embed, evaluate, fit, models, shapes, train
 from zsclip.cli._help import WordedGroup
 from zsclip.errors import UserError
 
@@ -39,7 +39,7 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, shapes, models, convert, config):
+for _command in (classify, embed, train, evaluate, fit, shapes, models, convert, config):
     _command.register(app)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from zsclip.cli._fewshot import ExamplesOpt, HeadOpt
 from zsclip.cli._options import (
     BatchSizeOpt,
     CacheOpt,
@@ -31,6 +32,8 @@ Examples:
   find ~/Pictures -name '*.jpg' | zsclip classify - --labels-file classes.txt --format jsonl | jq .label
   zsclip classify photos/ -L classes.txt --multi-label --threshold 0.25 --report photos.html
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
+  zsclip classify photos/ -L classes.txt --examples examples/    # examples/<label>/*.jpg: a few each
+  zsclip fit examples/ -L classes.txt -o head.safetensors && zsclip classify photos/ --head head.safetensors
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
@@ -115,6 +118,8 @@ def classify(
             "instead of reading images.",
         ),
     ] = None,
+    examples: ExamplesOpt = None,
+    head: HeadOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
@@ -130,6 +135,7 @@ def classify(
     get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
     ViT-B/32` makes it the default).
     """
+    from zsclip.cli._fewshot import FewShot, report_head
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
@@ -139,7 +145,9 @@ def classify(
     from zsclip.jobs.labels import resolve_labels
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
-    label_list = resolve_labels(labels, labels_file)
+    head_labels = head is not None and labels is None and labels_file is None  # the head's own
+    label_list = None if head_labels else resolve_labels(labels, labels_file)
+    few, label_list = FewShot.check(examples, head, label_list, templates)
     if threshold is not None and not multi_label:
         raise UserError("--threshold only applies with --multi-label")
     check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
@@ -163,11 +171,18 @@ def classify(
         quiet=quiet,
         announce=False,
     )
-    _warn_about_labels(loaded, label_list, multi_label, quiet)
+    _warn_about_labels(loaded, label_list, multi_label, quiet, few.counts(label_list))
     default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
+    decode = DecodeOptions.for_model(
+        loaded.preprocess.image_size,
+        exact=exact_preprocess,
+        thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
+    )
+    workers = default_workers() if workers is None else workers
+    template_choice = few.templates(loaded, templates)
     request = job.ClassifyRequest(
         labels=label_list,
-        templates=templates,
+        templates=template_choice,
         items=items,
         embeddings=embeddings,
         options=ClassifyOptions(
@@ -176,15 +191,22 @@ def classify(
             threshold=default_threshold if threshold is None else threshold,
         ),
         batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
-        decode=DecodeOptions.for_model(
-            loaded.preprocess.image_size,
-            exact=exact_preprocess,
-            thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
-        ),
+        workers=workers,
+        decode=decode,
         use_cache=cache,
+        examples=few.source(
+            template_choice, decode, batch_size=batch_size, workers=workers, use_cache=cache
+        ),
+        head=few.head,
     )
     run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
+    report_head(
+        run.head,
+        source=f"--head {head}" if head is not None else "--examples",
+        multi_label=multi_label,
+        threshold=request.options.threshold,
+        quiet=quiet,
+    )
     sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
     try:  # exits 1 if some inputs failed
         _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
@@ -203,14 +225,18 @@ class _Sinks:
     from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
 
 
-def _warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
+def _warn_about_labels(
+    loaded, label_list: list[str], multi_label: bool, quiet: bool, examples: list[int]
+) -> None:
     """Before any result: labels the model never learnt a word of (a model that lists the words of
-    its training captions, such as the built-in one), and a lone label under softmax."""
+    its training captions, such as the built-in one; labels with examples are learnt from those),
+    and a lone label under softmax."""
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
     from zsclip.jobs.labels import unknown_words
 
-    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
+    worded = [label for label, count in zip(label_list, examples) if not count]
+    unknown = unknown_words(worded, loaded.metadata.get("caption_words", ""))
     if unknown:
         shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
         more = (

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from zsclip.core.model import CLIP
     from zsclip.jobs.cache import ImageCache
     from zsclip.jobs.embedding_files import EmbeddingTable
+    from zsclip.jobs.examples import FittedHead, HeadSource
+    from zsclip.jobs.heads import Head
     from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
 
 DEFAULT_TOP_K = 5
@@ -91,21 +93,35 @@ def ranked(
     return pairs
 
 
+def _scores(
+    features: "torch.Tensor",
+    classifier: "torch.Tensor",
+    scale: float,
+    options: ClassifyOptions,
+    head: "Head | None",
+) -> "torch.Tensor":
+    """[N, C] scores: the few-shot head's when there is one, else the zero-shot classifier's."""
+    if head is not None:
+        return head.scores(features, scale, options)
+    return score_features(features, classifier, scale, options)
+
+
 def classify_images(
     encoder: "ImageEncoder",
     items: Sequence[InputItem],
     classifier: "torch.Tensor",
     labels: Sequence[str],
     options: ClassifyOptions,
+    head: "Head | None" = None,
 ) -> Iterator[Prediction]:
     """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
     With the encoder's cache, images whose embedding is stored (file unchanged) are neither decoded
-    nor encoded."""
+    nor encoded. With a few-shot `head`, it scores instead of `classifier`."""
     if classifier.shape[1] != len(labels):
         raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
     scale = logit_scale_of(encoder.model)
     for batch, features in encoder.batches(items):
-        scores = score_features(features, classifier, scale, options)  # [n, C]
+        scores = _scores(features, classifier, scale, options, head)  # [n, C]
         row = 0
         for entry in batch:
             if entry.error is not None:
@@ -123,6 +139,7 @@ def classify_embeddings(
     labels: Sequence[str],
     scale: float,
     options: ClassifyOptions,
+    head: "Head | None" = None,
 ) -> Iterator[Prediction]:
     """Predictions for saved image embeddings, in the file's order, without touching the images."""
     import torch.nn.functional as F
@@ -130,7 +147,7 @@ def classify_embeddings(
     features = F.normalize(
         table.vectors.float(), dim=-1
     )  # [N, D]; already unit length, made sure of
-    scores = score_features(features, classifier, scale, options) if len(table.keys) else None
+    scores = _scores(features, classifier, scale, options, head) if len(table.keys) else None
     errors = sorted(table.errors, key=lambda error: error[0])  # stable: keeps the file order
     next_error = 0
     for row, key in enumerate(table.keys):
@@ -156,6 +173,10 @@ class ClassifyRequest:
     workers: int = 0
     decode: "DecodeOptions | None" = None  # None: exact decoding
     use_cache: bool = True  # the classifier cache and the image-embedding cache
+    # few-shot (zsclip.jobs.examples): example images to fit a head on, or a head read from a file;
+    # with either, `templates` must be the TemplateSet they were (or are to be) fitted with
+    examples: "HeadSource | None" = None
+    head: "Head | None" = None
 
 
 @dataclass
@@ -163,6 +184,7 @@ class ClassifyRun:
     predictions: Iterator[Prediction]  # lazy: images are read as it is consumed
     total: int  # rows it will yield
     cache: "ImageCache | None"  # the image-embedding cache in use, for its hit counts
+    head: "FittedHead | None" = None  # the few-shot head in use, and how it was had
 
 
 def start(
@@ -188,11 +210,15 @@ def start(
         use_cache=request.use_cache,
         warn=warn,
     )  # [D, C]
+    fitted = few_shot_head(loaded, request, classifier, device=device, dtype=dtype, warn=warn)
+    head = fitted.head if fitted is not None else None
     if request.embeddings is not None:
         table = read_image_embeddings(request.embeddings, loaded, warn)
         scale = logit_scale_of(loaded.model)
-        predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
-        return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
+        predictions = classify_embeddings(
+            table, classifier, request.labels, scale, request.options, head
+        )
+        return ClassifyRun(predictions, len(table.keys) + len(table.errors), None, fitted)
     decode = request.decode or DecodeOptions()
     cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
@@ -206,8 +232,33 @@ def start(
         cache=cache,
     )
     items = request.items or []
-    predictions = classify_images(encoder, items, classifier, request.labels, request.options)
-    return ClassifyRun(predictions, len(items), cache)
+    predictions = classify_images(encoder, items, classifier, request.labels, request.options, head)
+    return ClassifyRun(predictions, len(items), cache, fitted)
+
+
+def few_shot_head(
+    loaded: "LoadedModel",
+    request: ClassifyRequest,
+    classifier: "torch.Tensor",
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    warn: Callable[[str], None],
+) -> "FittedHead | None":
+    """The request's head: fitted on (or cached for) its examples, or the head it was given, checked
+    against the model (`classifier` [D, C] is the model's zero-shot classifier for the labels)."""
+    from zsclip.jobs.examples import FittedHead, head_from_examples
+    from zsclip.jobs.heads import check_model
+
+    if request.examples is not None:
+        return head_from_examples(
+            loaded, request.examples, classifier, device=device, dtype=dtype, warn=warn
+        )
+    if request.head is None:
+        return None
+    dim = loaded.model.config.embed_dim
+    check_model(request.head, "the head", loaded.name, dim, classifier)
+    return FittedHead(request.head, from_cache=False)
 
 
 def read_image_embeddings(

@@ -153,3 +153,9 @@ def load_templates(spec: str | Path | None, *, model_default: str | None = None)
         return parse_templates(_read_text(named, "template set"), str(spec))
     choices = ", ".join(available_template_sets()) or "none installed"
     raise UserError(f"unknown template set {str(spec)!r}: give a file path or one of: {choices}")
+
+
+def label_key(label: str) -> str:
+    """What makes two labels the same label: NFC, case-folded, whitespace collapsed (the tokenizer
+    lower-cases and collapses spaces, so "Corgi" and "corgi " are one class)."""
+    return _key(label)
