@@ -38,8 +38,18 @@ import torch
 import torch.nn.functional as F
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_LABELS = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                  "bag", "ankle boot"]
+FASHION_LABELS = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 SHOTS = (1, 2, 4, 8, 16)
 METHODS = ("probe", "auto", "prior", "blend")
 COLUMN = {"probe": "probe alone", "auto": "combined (auto)", "prior": "prior", "blend": "blend"}
@@ -83,7 +93,11 @@ class Model:
         from zsclip.jobs.zeroshot import classifier_for
 
         return classifier_for(
-            self.loaded, labels, None, device=torch.device("cpu"), dtype=torch.float32,
+            self.loaded,
+            labels,
+            None,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
             use_cache=False,
         ).float()  # [D, C]
 
@@ -119,8 +133,9 @@ def _split(name: str, labels: list[str], drawn: list[list], pool: int, model: Mo
     n = len(drawn[0])
     y = torch.arange(len(labels)).repeat_interleave(n)
     in_pool = (torch.arange(len(y)) % n) < pool
-    return Split(name, labels, model.classifier(labels), x[in_pool], y[in_pool], x[~in_pool],
-                 y[~in_pool])
+    return Split(
+        name, labels, model.classifier(labels), x[in_pool], y[in_pool], x[~in_pool], y[~in_pool]
+    )
 
 
 def read_idx(path: Path) -> torch.Tensor:
@@ -149,8 +164,10 @@ def fashion_split(model: Model, pool: int = 40, test: int = 200) -> Split | None
         for c in range(len(FASHION_LABELS)):
             members = torch.nonzero(targets == c).flatten()
             chosen = members[torch.randperm(len(members), generator=gen)[:count]]
-            drawn[c] += [Image.fromarray((255 - images[i]).numpy(), "L").convert("RGB")
-                         for i in chosen.tolist()]
+            drawn[c] += [
+                Image.fromarray((255 - images[i]).numpy(), "L").convert("RGB")
+                for i in chosen.tolist()
+            ]
     return _split("fashion", FASHION_LABELS, drawn, pool, model)
 
 
@@ -168,8 +185,13 @@ def draw_examples(split: Split, shots: int, draw: int) -> tuple[torch.Tensor, to
     return split.pool_x[index], split.pool_y[index]
 
 
-def top1(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-         group: torch.Tensor | None = None) -> float:
+def top1(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    group: torch.Tensor | None = None,
+) -> float:
     hit = (x @ weight + bias).argmax(1) == y
     return 100 * float(hit[group].float().mean() if group is not None else hit.float().mean())
 
@@ -178,8 +200,10 @@ def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor
     """{group: {shots: {method: [top-1 per draw]}}} and the auto choices per shots."""
     from zsclip.jobs.fewshot import fit_heads
 
-    results: dict = {g: {0: {"zero-shot": [top1(model.scale * split.text, 0, split.test_x,
-                                                  split.test_y, m)]}} for g, m in groups.items()}
+    results: dict = {
+        g: {0: {"zero-shot": [top1(model.scale * split.text, 0, split.test_x, split.test_y, m)]}}
+        for g, m in groups.items()
+    }
     chosen: dict[int, list[str]] = {}
     for shots in SHOTS:
         for draw in range(draws):
@@ -212,11 +236,16 @@ def run(split: Split, model: Model, draws: int) -> None:
     groups = {"all": torch.ones_like(split.test_y, dtype=torch.bool)}
     if split.name == "novel":
         dax_index = split.labels.index("dax")
-        groups = {"dax": split.test_y == dax_index, "the other 100 labels": split.test_y != dax_index}
+        groups = {
+            "dax": split.test_y == dax_index,
+            "the other 100 labels": split.test_y != dax_index,
+        }
     out = curve(split, model, draws, groups)
     for group, results in out["results"].items():
         suffix = f", test images of {group}" if split.name == "novel" else ""
-        title = f"{split.name}: top-1 (%), {len(split.labels)} labels, {len(split.test_y)} test images"
+        title = (
+            f"{split.name}: top-1 (%), {len(split.labels)} labels, {len(split.test_y)} test images"
+        )
         table(title + suffix, results)
     picks = "; ".join(f"{s}: {'/'.join(out['chosen'][s])}" for s in SHOTS)
     print(f"\nauto chose, per draw: {picks}")
@@ -226,8 +255,12 @@ def run(split: Split, model: Model, draws: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["shapes", "fashion", "novel"],
-                        choices=["shapes", "fashion", "novel"])
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=["shapes", "fashion", "novel"],
+        choices=["shapes", "fashion", "novel"],
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -241,8 +274,10 @@ def main() -> None:
             split = shapes_split(model, novel=name == "novel")
         if split is not None:
             run(split, model, args.draws)
-    print(f"\ntotal {time.time() - began:.0f} s wall, {time.process_time() - cpu:.0f} s CPU, "
-          f"{args.threads} thread(s), torch {torch.__version__}, Python {sys.version.split()[0]}")
+    print(
+        f"\ntotal {time.time() - began:.0f} s wall, {time.process_time() - cpu:.0f} s CPU, "
+        f"{args.threads} thread(s), torch {torch.__version__}, Python {sys.version.split()[0]}"
+    )
 
 
 if __name__ == "__main__":

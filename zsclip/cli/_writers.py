@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from zsclip.errors import UserError
 from zsclip.escapes import csv_text, for_display, json_text
+from zsclip.jobs.classify import prediction_record
 from zsclip.jobs.embedding_files import embedding_line
 
 if TYPE_CHECKING:
@@ -67,22 +68,6 @@ def _format_of_output(output: Path) -> str:
 
 # -----------------------------------------------------------------------------------------------
 # predictions
-
-
-def _score(value: float) -> float:
-    return round(float(value), 6)
-
-
-def prediction_record(prediction: "Prediction") -> dict[str, Any]:
-    """The jsonl contract: path, label, score, top -- or path, error."""
-    if prediction.error is not None:
-        return {"path": prediction.path, "error": prediction.error}
-    return {
-        "path": prediction.path,
-        "label": prediction.label,
-        "score": None if prediction.score is None else _score(prediction.score),
-        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
-    }
 
 
 class JsonlPredictions:

@@ -19,7 +19,18 @@ from typing import Annotated, Iterator
 
 import typer
 
-from zsclip.cli import classify, config, convert, embed, evaluate, fit, models, shapes, train
+from zsclip.cli import (
+    classify,
+    config,
+    convert,
+    embed,
+    evaluate,
+    fit,
+    models,
+    serve,
+    shapes,
+    train,
+)
 from zsclip.cli._help import WordedGroup
 from zsclip.errors import UserError
 
@@ -39,7 +50,7 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, fit, shapes, models, convert, config):
+for _command in (classify, embed, train, evaluate, fit, shapes, models, convert, config, serve):
     _command.register(app)
 
 

@@ -32,13 +32,15 @@ Examples:
   find ~/Pictures -name '*.jpg' | zsclip classify - --labels-file classes.txt --format jsonl | jq .label
   zsclip classify photos/ -L classes.txt --multi-label --threshold 0.25 --report photos.html
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
+  zsclip classify photo.jpg --labels "cat,dog" --server http://127.0.0.1:8765   # a running `zsclip serve`
   zsclip classify photos/ -L classes.txt --examples examples/    # examples/<label>/*.jpg: a few each
   zsclip fit examples/ -L classes.txt -o head.safetensors && zsclip classify photos/ --head head.safetensors
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
 Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
-3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
+3 the output could not be written, 4 no server answers at --server, 130/143/129 stopped by
+Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -128,6 +130,16 @@ def classify(
     cache: CacheOpt = True,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
+    server: Annotated[
+        Optional[str],
+        typer.Option(
+            "--server",
+            envvar="ZSCLIP_SERVER",
+            show_envvar=True,
+            help="Send the images to a running `zsclip serve` at this URL instead of loading a "
+            "model here (same output; its token from ZSCLIP_TOKEN).",
+        ),
+    ] = None,
 ) -> None:
     """Classify images into your labels, zero-shot: no training, just class names in words.
 
@@ -137,13 +149,11 @@ def classify(
     """
     from zsclip.cli._fewshot import FewShot, report_head
     from zsclip.cli._output import stdout_is_terminal, warn
-    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
-    from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
+    from zsclip.jobs.classify import ClassifyOptions, model_threshold
     from zsclip.jobs.labels import resolve_labels
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     head_labels = head is not None and labels is None and labels_file is None  # the head's own
     label_list = None if head_labels else resolve_labels(labels, labels_file)
@@ -154,13 +164,35 @@ def classify(
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
+    if server:
+        _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
+        _refuse_local_options(examples=examples, head=head)
+        _refuse_local_options(precision=None if precision == "fp32" else precision)
     items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
+    if server:
+        from zsclip.cli._remote import RemoteClassify
+
+        request = RemoteClassify(
+            labels=label_list,
+            templates=templates,
+            top_k=top_k,
+            multi_label=multi_label,
+            threshold=threshold,
+            exact_preprocess=exact_preprocess,
+            batch_size=batch_size,
+        )
+        sinks = _Sinks(chosen_format, output, report, quiet, thumbnails_from_files=True)
+        _classify_remote(server, items, request, sinks)
+        return
+
+    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import cache_summary, load_for_inference
     from zsclip.jobs import classify as job
+    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     loaded, torch_device, dtype = load_for_inference(
         model,
@@ -172,7 +204,7 @@ def classify(
         announce=False,
     )
     _warn_about_labels(loaded, label_list, multi_label, quiet, few.counts(label_list))
-    default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
+    default_threshold = model_threshold(loaded.metadata)
     decode = DecodeOptions.for_model(
         loaded.preprocess.image_size,
         exact=exact_preprocess,
@@ -207,11 +239,35 @@ def classify(
         threshold=request.options.threshold,
         quiet=quiet,
     )
-    sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
+    sinks = _Sinks(
+        chosen_format, output, report, quiet, thumbnails_from_files=embeddings is not None
+    )
     try:  # exits 1 if some inputs failed
         _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
     finally:
         cache_summary(run.cache, quiet)
+
+
+def _refuse_local_options(**given) -> None:
+    """Options that choose or run the model here mean nothing with --server: say so."""
+    from zsclip.errors import UserError
+
+    for name, value in given.items():
+        if value is not None and value != "auto":
+            raise UserError(
+                f"--{name} does not apply with --server (the server's model answers); drop one"
+            )
+
+
+def _classify_remote(url: str, items, request, sinks: _Sinks) -> None:
+    """--server: the same rows, written the same way, from a running `zsclip serve`."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._remote import classify_remote
+    from zsclip.jobs.classify import ClassifyOptions
+
+    run = classify_remote(url, items, request, warn)
+    options = ClassifyOptions(top_k=request.top_k, multi_label=request.multi_label)
+    _write(run.predictions, run.total, request.labels, options, sinks, run.model)
 
 
 @dataclass(frozen=True)
@@ -222,7 +278,7 @@ class _Sinks:
     output: Optional[Path]
     report: Optional[Path]
     quiet: bool
-    from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
+    thumbnails_from_files: bool  # no images were decoded here: report thumbnails read the files
 
 
 def _warn_about_labels(
@@ -259,13 +315,6 @@ def _warn_about_labels(
         )
 
 
-def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:
-    try:
-        return float(metadata[key])
-    except (KeyError, ValueError):
-        return default
-
-
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
     """Write every prediction, then the report; exit status 1 when some inputs could not be read."""
     from zsclip.cli._runtime import finish, output_stream, write_rows
@@ -291,15 +340,20 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
         writer.close()
     if sinks.report is not None:
         _write_report(
-            sinks.report, kept, label_list, model_name, options.multi_label, sinks.from_embeddings
+            sinks.report,
+            kept,
+            label_list,
+            model_name,
+            options.multi_label,
+            sinks.thumbnails_from_files,
         )
     finish(failures, total, sinks.quiet)
 
 
-def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:
+def _write_report(path, predictions, label_list, model_name, multi_label, from_files) -> None:
     from zsclip.cli._report import thumbnail_for, write_report
 
-    if from_embeddings:  # nothing was decoded: read thumbnails from the files if still there
+    if from_files:  # nothing was decoded here: read thumbnails from the files if still there
         for prediction in predictions:
             if prediction.error is None:
                 prediction.thumbnail = thumbnail_for(prediction.path)

@@ -17,7 +17,6 @@ from zsclip.cli._options import (
     PrecisionOpt,
     QuietOpt,
     VocabOpt,
-    WorkersOpt,
 )
 
 EPILOG = """\b
@@ -77,7 +76,15 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 256,
-    workers: WorkersOpt = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Image-decoding processes beside this one (0: decode in this process).",
+        ),
+    ] = 0,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
@@ -113,9 +120,7 @@ def eval_command(
             few, _ = FewShot.check(examples, None, task.labels, templates)
         total = len(task.items)
     else:
-        from zsclip.train import data
-
-        task = data.load_pairs(pairs)
+        task = _load_pairs(pairs)
         total = len(task)
     from zsclip.cli._runtime import load_for_inference
 
@@ -136,7 +141,7 @@ def eval_command(
         torch_device,
         autocast=lambda: autocast(torch_device, dtype),
         batch_size=batch_size,
-        workers=workers or 0,
+        workers=workers,
     )
     _render(_measure(task, run, total, quiet, fitted.head if fitted else None), fmt)
 
@@ -170,6 +175,21 @@ def _few_shot_head(few, task, loaded, device, dtype, head_path, workers, quiet):
                 "(keep examples and evaluation images apart)"
             )
     return fitted
+
+
+def _load_pairs(pairs: Path) -> list:
+    """The pairs of --pairs, every image decoded once; problems listed by line, then one error."""
+    from zsclip.cli._output import error_line
+    from zsclip.train import data
+
+    try:
+        return data.load_pairs(pairs, option="--pairs", hint="fix or remove those rows")
+    except data.DataError as err:
+        for problem in err.problems[: data.SHOWN_PROBLEMS]:
+            error_line(problem)
+        if len(err.problems) > data.SHOWN_PROBLEMS:
+            error_line(f"... and {len(err.problems) - data.SHOWN_PROBLEMS} more")
+        raise
 
 
 def _measure(task: Any, run: Any, total: int, quiet: bool, head: Any = None) -> dict:

@@ -17,7 +17,7 @@ Jobs never print: this module yields Prediction rows; the terminal layer renders
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from zsclip.jobs.inputs import InputItem
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from zsclip.jobs.embedding_files import EmbeddingTable
     from zsclip.jobs.examples import FittedHead, HeadSource
     from zsclip.jobs.heads import Head
-    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
+    from zsclip.jobs.pipeline import Decoded, DecodeOptions, ImageEncoder
 
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.25  # cosine; see the module docstring
@@ -46,14 +46,15 @@ class Prediction:
     )  # best first; multi-label: only labels that pass
     error: str | None = None
     thumbnail: bytes | None = None  # JPEG for the HTML report
+    unsure: bool = False  # the best score is below ClassifyOptions.min_score: no label
 
     @property
     def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
+        return self.top[0][0] if self.top and not self.unsure else None
 
     @property
     def score(self) -> float | None:
-        return self.top[0][1] if self.top else None
+        return self.top[0][1] if self.top and not self.unsure else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,16 @@ class ClassifyOptions:
     multi_label: bool = False
     # multi-label only: the cosine at which a label's score is 0.5
     threshold: float = DEFAULT_THRESHOLD
+    # a best score below this gives no label ("none of these"); `top` is still listed
+    min_score: float | None = None
+
+
+def model_threshold(metadata: dict[str, str]) -> float:
+    """The multi-label threshold a checkpoint names (`multi_label_threshold`), else the default."""
+    try:
+        return float(metadata["multi_label_threshold"])
+    except (KeyError, ValueError):
+        return DEFAULT_THRESHOLD
 
 
 def logit_scale_of(model: "CLIP") -> float:
@@ -106,6 +117,56 @@ def _scores(
     return score_features(features, classifier, scale, options)
 
 
+def prediction_for(
+    path: str, scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions
+) -> Prediction:
+    """[C] scores of one input -> its Prediction (see `ranked`; `min_score` makes it unsure)."""
+    top = ranked(scores, labels, options)
+    unsure = options.min_score is not None and bool(top) and top[0][1] < options.min_score
+    return Prediction(path, top, unsure=unsure)
+
+
+def predictions_for(
+    batch: "Sequence[Decoded]",
+    features: "torch.Tensor",
+    classifier: "torch.Tensor",
+    labels: Sequence[str],
+    scale: float,
+    options: ClassifyOptions,
+    head: "Head | None" = None,
+) -> Iterator[Prediction]:
+    """One Prediction per entry of a decoded batch, in order: unreadable entries carry their error,
+    the others are scored from `features` [n, D] (one row per readable entry) x `classifier` [D, C]
+    (or by the few-shot `head`, when there is one)."""
+    scores = _scores(features, classifier, scale, options, head)  # [n, C]
+    row = 0
+    for entry in batch:
+        if entry.error is not None:
+            yield Prediction(entry.path, error=entry.error)
+            continue
+        prediction = prediction_for(entry.path, scores[row], labels, options)
+        prediction.thumbnail = entry.thumbnail
+        yield prediction
+        row += 1
+
+
+def _score(value: float) -> float:
+    return round(float(value), 6)
+
+
+def prediction_record(prediction: Prediction) -> dict[str, Any]:
+    """The jsonl contract, shared by `classify` and `zsclip serve`: path, label, score, top -- or
+    path, error."""
+    if prediction.error is not None:
+        return {"path": prediction.path, "error": prediction.error}
+    return {
+        "path": prediction.path,
+        "label": prediction.label,
+        "score": None if prediction.score is None else _score(prediction.score),
+        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
+    }
+
+
 def classify_images(
     encoder: "ImageEncoder",
     items: Sequence[InputItem],
@@ -121,16 +182,7 @@ def classify_images(
         raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
     scale = logit_scale_of(encoder.model)
     for batch, features in encoder.batches(items):
-        scores = _scores(features, classifier, scale, options, head)  # [n, C]
-        row = 0
-        for entry in batch:
-            if entry.error is not None:
-                yield Prediction(entry.path, error=entry.error)
-                continue
-            yield Prediction(
-                entry.path, ranked(scores[row], labels, options), thumbnail=entry.thumbnail
-            )
-            row += 1
+        yield from predictions_for(batch, features, classifier, labels, scale, options, head)
 
 
 def classify_embeddings(
@@ -154,7 +206,7 @@ def classify_embeddings(
         while next_error < len(errors) and errors[next_error][0] <= row:
             yield Prediction(errors[next_error][1], error=errors[next_error][2])
             next_error += 1
-        yield Prediction(key, ranked(scores[row], labels, options))
+        yield prediction_for(key, scores[row], labels, options)
     for _, key, reason in errors[next_error:]:
         yield Prediction(key, error=reason)
 
@@ -220,7 +272,7 @@ def start(
         )
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None, fitted)
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,

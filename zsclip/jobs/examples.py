@@ -221,7 +221,7 @@ def _embed_examples(
     from zsclip.jobs.pipeline import ImageEncoder
 
     decode = replace(source.decode, thumbnail_size=None)
-    cache = image_cache_for(loaded, decode, dtype, enabled=source.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=source.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,
