@@ -196,10 +196,45 @@ def top1(
     return 100 * float(hit[group].float().mean() if group is not None else hit.float().mean())
 
 
+def macro_f1(cos: torch.Tensor, thresholds: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over labels of the F1 of "cosine at or above the label's threshold" on images [N, C]."""
+    predicted = cos >= thresholds  # [N, C]
+    truth = torch.nn.functional.one_hot(y, cos.shape[1]).bool()  # [N, C]
+    tp = (predicted & truth).sum(0).double()
+    f1 = 2 * tp / (predicted.sum(0) + truth.sum(0)).clamp(min=1)  # [C]
+    return 100 * float(f1.mean())
+
+
+def multi_label(
+    split: Split, heads: dict, x: torch.Tensor, y: torch.Tensor, default: float
+) -> dict:
+    """Test macro-F1 of multi-label mode: zero-shot at the model's threshold, and the combined head
+    with per-label thresholds chosen on the examples (classify --multi-label --examples)."""
+    from zsclip.jobs.fewshot import choose_thresholds
+
+    head = heads["auto"]
+    columns = F.normalize(head.weight, dim=0)  # [D, C]
+    thresholds, _ = choose_thresholds(x @ columns, y)  # [C], NaN: none chosen
+    thresholds = torch.where(thresholds.isnan(), torch.tensor(default), thresholds)
+    return {
+        "zero-shot, model's threshold": macro_f1(
+            split.test_x @ split.text, torch.tensor(default), split.test_y
+        ),
+        "head, model's threshold": macro_f1(
+            split.test_x @ columns, torch.tensor(default), split.test_y
+        ),
+        "head, per-label thresholds": macro_f1(split.test_x @ columns, thresholds, split.test_y),
+    }
+
+
 def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor]) -> dict:
-    """{group: {shots: {method: [top-1 per draw]}}} and the auto choices per shots."""
+    """{group: {shots: {method: [top-1 per draw]}}}, multi-label macro-F1 per shots, and the auto
+    choices per shots."""
+    from zsclip.jobs.classify import model_threshold
     from zsclip.jobs.fewshot import fit_heads
 
+    default = model_threshold(model.loaded.metadata)
+    f1: dict = {}
     results: dict = {
         g: {0: {"zero-shot": [top1(model.scale * split.text, 0, split.test_x, split.test_y, m)]}}
         for g, m in groups.items()
@@ -210,11 +245,13 @@ def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor
             x, y = draw_examples(split, shots, draw)
             heads = fit_heads(x, y, split.text, model.scale, METHODS)
             chosen.setdefault(shots, []).append(heads["auto"].method)
+            for key, value in multi_label(split, heads, x, y, default).items():
+                f1.setdefault(shots, {}).setdefault(key, []).append(value)
             for g, mask in groups.items():
                 for method, head in heads.items():
                     score = top1(head.weight, head.bias, split.test_x, split.test_y, mask)
                     results[g].setdefault(shots, {}).setdefault(method, []).append(score)
-    return {"results": results, "chosen": chosen}
+    return {"results": results, "chosen": chosen, "f1": f1, "threshold": default}
 
 
 def table(title: str, results: dict) -> None:
@@ -247,6 +284,16 @@ def run(split: Split, model: Model, draws: int) -> None:
             f"{split.name}: top-1 (%), {len(split.labels)} labels, {len(split.test_y)} test images"
         )
         table(title + suffix, results)
+    print(
+        f"\n{split.name}, multi-label: test macro-F1 (%), mean over draws; the model's threshold "
+        f"is {out['threshold']:g}\n"
+    )
+    columns = list(out["f1"][SHOTS[0]])
+    print("| examples/label | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for shots in SHOTS:
+        values = [statistics.mean(out["f1"][shots][c]) for c in columns]
+        print(f"| {shots} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     picks = "; ".join(f"{s}: {'/'.join(out['chosen'][s])}" for s in SHOTS)
     print(f"\nauto chose, per draw: {picks}")
     print(f"{split.name}: {time.process_time() - started:.0f} s of CPU for the fits")

@@ -19,7 +19,7 @@ The regularisation strength (and alpha) are chosen by stratified k-fold cross-va
 examples, scoring the out-of-fold negative log-likelihood of the full C-label head. Each fit is a small
 convex problem solved by full-batch L-BFGS written out here (torch.optim.LBFGS would import
 torch._dynamo, seconds of start-up for a command line tool). `choose_thresholds` picks per-label cosine
-thresholds for multi-label mode. Why these choices, with the figures: docs/few-shot.md.
+thresholds for multi-label mode. Why these choices, with the figures: docs/fewshot.md.
 """
 
 from __future__ import annotations

@@ -112,13 +112,6 @@ class Head:
             fit=fit,
         )
 
-    def with_zero_shot(self, columns: "torch.Tensor", scale: float) -> "torch.Tensor":
-        """[D, C + B] weights: this head's, then `columns` [D, B] (unit text columns of more labels,
-        such as background labels) scaled as zero-shot logits."""
-        import torch
-
-        return torch.cat([self.weight, scale * columns.float()], dim=1)
-
 
 def check_model(
     head: Head, source: str, model_name: str, embed_dim: int, text: "torch.Tensor"
