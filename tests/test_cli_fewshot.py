@@ -271,3 +271,31 @@ def test_example_folder_mistakes_are_one_line(world: Path, tmp_path: Path) -> No
         ]
     )
     assert "not both" in _one_line_error(both)
+    both = run_cli(
+        [
+            "eval",
+            str(world / "test"),
+            "--examples",
+            str(world / "examples"),
+            "--head",
+            str(tmp_path / "x.safetensors"),
+        ]
+    )
+    assert "not both" in _one_line_error(both)
+
+
+def test_without_labels_the_example_folders_are_the_labels(world: Path) -> None:
+    run = run_cli(
+        [
+            "classify",
+            str(world / "test" / "dax"),
+            "--examples",
+            str(world / "examples"),
+            "-f",
+            "jsonl",
+        ]
+    )
+    assert run.code == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert sorted(t["label"] for t in rows[0]["top"]) == sorted(LABELS)
+    assert accuracy(rows) >= 0.75

@@ -32,8 +32,8 @@ ExamplesOpt = Annotated[
         metavar="DIR",
         help="Example images: one subfolder per label, named after it, with a few images each. A "
         "classifier is fitted on them and combined with the labels' words (labels without a "
-        "subfolder stay zero-shot); fitted once and cached. With --multi-label, each label's "
-        "threshold is chosen on the examples.",
+        "subfolder stay zero-shot; without --labels, the subfolders are the labels); fitted once "
+        "and cached. With --multi-label, each label's threshold is chosen on the examples.",
     ),
 ]
 HeadOpt = Annotated[
@@ -45,6 +45,25 @@ HeadOpt = Annotated[
         "thresholds come with it.",
     ),
 ]
+
+
+def run_labels(
+    labels: Optional[str], labels_file: Optional[Path], examples: Optional[Path]
+) -> list[str]:
+    """--labels / --labels-file; without either, the names of the example folder's subfolders."""
+    from zsclip.errors import UserError
+    from zsclip.jobs.inputs import is_hidden
+    from zsclip.jobs.labels import check_labels, resolve_labels
+
+    if labels is not None or labels_file is not None or examples is None:
+        return resolve_labels(labels, labels_file)
+    if not examples.is_dir():
+        raise UserError(
+            f"{str(examples)!r} is not a folder; give a folder with one subfolder of example "
+            "images per label"
+        )
+    names = sorted(p.name for p in examples.iterdir() if p.is_dir() and not is_hidden(p.name))
+    return check_labels(names, f"the subfolders of {str(examples)!r}")
 
 
 @dataclass

@@ -147,16 +147,15 @@ def classify(
     get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
     ViT-B/32` makes it the default).
     """
-    from zsclip.cli._fewshot import FewShot, report_head
+    from zsclip.cli._fewshot import FewShot, report_head, run_labels
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
     from zsclip.jobs.classify import ClassifyOptions, model_threshold
-    from zsclip.jobs.labels import resolve_labels
 
     head_labels = head is not None and labels is None and labels_file is None  # the head's own
-    label_list = None if head_labels else resolve_labels(labels, labels_file)
+    label_list = None if head_labels else run_labels(labels, labels_file, examples)
     few, label_list = FewShot.check(examples, head, label_list, templates)
     if threshold is not None and not multi_label:
         raise UserError("--threshold only applies with --multi-label")

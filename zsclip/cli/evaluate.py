@@ -99,6 +99,8 @@ def eval_command(
     fmt = fmt or ("table" if stdout_is_terminal() else "json")
     if fmt not in ("json", "table"):
         raise UserError(f"unknown --format {fmt!r}: use json or table")
+    if examples is not None and head is not None:
+        raise UserError("give --examples DIR (fit now) or --head FILE (fitted before), not both")
     if pairs is not None and (labels_file is not None or templates is not None or examples or head):
         raise UserError(
             "--labels-file, --templates, --examples and --head apply to class folders, not to --pairs"

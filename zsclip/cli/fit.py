@@ -95,7 +95,7 @@ def fit(
     offline: OfflineOpt = False,
 ) -> None:
     """Fit a few-shot head on example images (a few per label) and save it for `classify --head`."""
-    from zsclip.cli._fewshot import FewShot, report_head
+    from zsclip.cli._fewshot import FewShot, report_head, run_labels
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import check_outputs, load_for_inference
     from zsclip.errors import UserError
@@ -108,7 +108,7 @@ def fit(
     if contrast not in CONTRASTS:
         raise UserError(f"unknown --contrast {contrast!r}: use {', '.join(CONTRASTS)}")
     check_outputs({"--output": output}, to_stdout=False)
-    label_list = _labels(folder, labels, labels_file)
+    label_list = run_labels(labels, labels_file, folder)
     few, _ = FewShot.check(folder, None, label_list, None)
 
     from zsclip.jobs import classify as job
@@ -149,20 +149,3 @@ def fit(
         from zsclip.cli._output import note
 
         note(f"zsclip: wrote {output}; use it with `zsclip classify IMAGES --head {output}`")
-
-
-def _labels(folder: Path, labels: Optional[str], labels_file: Optional[Path]) -> list[str]:
-    """--labels / --labels-file, else the names of DIR's subfolders."""
-    from zsclip.errors import UserError
-    from zsclip.jobs.inputs import is_hidden
-    from zsclip.jobs.labels import check_labels, resolve_labels
-
-    if labels is not None or labels_file is not None:
-        return resolve_labels(labels, labels_file)
-    if not folder.is_dir():
-        raise UserError(
-            f"{str(folder)!r} is not a folder; give a folder with one subfolder of "
-            "example images per label"
-        )
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
-    return check_labels(names, f"the subfolders of {str(folder)!r}")
