@@ -240,10 +240,15 @@ def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor
         for g, m in groups.items()
     }
     chosen: dict[int, list[str]] = {}
+    seconds: dict[
+        int, list[float]
+    ] = {}  # CPU per fit_heads call (auto's cost: its CV covers the rest)
     for shots in SHOTS:
         for draw in range(draws):
             x, y = draw_examples(split, shots, draw)
+            started = time.process_time()
             heads = fit_heads(x, y, split.text, model.scale, METHODS)
+            seconds.setdefault(shots, []).append(time.process_time() - started)
             chosen.setdefault(shots, []).append(heads["auto"].method)
             for key, value in multi_label(split, heads, x, y, default).items():
                 f1.setdefault(shots, {}).setdefault(key, []).append(value)
@@ -251,7 +256,13 @@ def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor
                 for method, head in heads.items():
                     score = top1(head.weight, head.bias, split.test_x, split.test_y, mask)
                     results[g].setdefault(shots, {}).setdefault(method, []).append(score)
-    return {"results": results, "chosen": chosen, "f1": f1, "threshold": default}
+    return {
+        "results": results,
+        "chosen": chosen,
+        "f1": f1,
+        "threshold": default,
+        "seconds": seconds,
+    }
 
 
 def table(title: str, results: dict) -> None:
@@ -296,6 +307,8 @@ def run(split: Split, model: Model, draws: int) -> None:
         print(f"| {shots} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     picks = "; ".join(f"{s}: {'/'.join(out['chosen'][s])}" for s in SHOTS)
     print(f"\nauto chose, per draw: {picks}")
+    cost = ", ".join(f"{s}: {statistics.mean(out['seconds'][s]):.1f}" for s in SHOTS)
+    print(f"CPU seconds per fit (all four heads), by examples per label: {cost}")
     print(f"{split.name}: {time.process_time() - started:.0f} s of CPU for the fits")
 
 
