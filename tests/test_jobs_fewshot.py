@@ -87,6 +87,25 @@ def test_fits_are_deterministic() -> None:
         assert torch.equal(a[method].weight, b[method].weight) and a[method].lam == b[method].lam
 
 
+def test_a_small_fit_runs_on_one_thread_and_gives_the_threads_back(monkeypatch) -> None:
+    x, y, w_text, _, _ = world(2)
+    seen = []
+    solve = fs.lbfgs
+
+    def watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "lbfgs", watched)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fs.fit_head(x, y, w_text, SCALE, FAST)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_examples_beat_a_text_classifier_that_is_wrong() -> None:
     x, y, w_text, x_test, y_test = world(8, text_noise=3.0)  # the text columns are nearly random
     zero_shot = float(((x_test @ w_text).argmax(1) == y_test).float().mean())

@@ -24,8 +24,9 @@ thresholds for multi-label mode. Why these choices, with the figures: docs/fewsh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +332,37 @@ def fit_heads(
     opts: FitOptions = FitOptions(),
 ) -> dict[str, FitResult]:
     """Fit each of `methods` on the examples x [N, D], y [N]; they share their CV fits."""
+    with _threads_for(x.shape[0] * x.shape[1] * w_text.shape[1]):
+        return _fit_heads(x, y, w_text, scale, methods, opts)
+
+
+# Below this many multiply-adds per product x @ W, one thread fits faster than several: each of the
+# thousands of small products would otherwise pay the threads' start and wait (docs/fewshot.md).
+ONE_THREAD_WORK = 2**26
+
+
+@contextmanager
+def _threads_for(work: int) -> Iterator[None]:
+    """One torch thread for the solver while the problem is small; the caller's setting after."""
+    threads = torch.get_num_threads()
+    if work > ONE_THREAD_WORK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_heads(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w_text: torch.Tensor,
+    scale: float,
+    methods: tuple[str, ...],
+    opts: FitOptions,
+) -> dict[str, FitResult]:
     p = _prepare(x, y, w_text, scale, opts)
     n_folds = fold_count(y, opts)
     folds = stratified_folds(y, n_folds, opts.seed) if n_folds >= 2 else None
