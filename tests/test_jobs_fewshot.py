@@ -278,3 +278,19 @@ def test_a_damaged_head_file_is_one_line(tmp_path: Path, kind: str) -> None:
 def test_a_missing_head_file_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="zsclip fit"):
         read_head(tmp_path / "nowhere.safetensors")
+
+
+def test_a_head_scores_extra_labels_zero_shot_beside_its_own() -> None:
+    from zsclip.jobs.classify import ClassifyOptions
+
+    head = a_head()
+    gen = torch.Generator().manual_seed(2)
+    x = F.normalize(torch.randn(4, D, generator=gen), dim=-1)  # [N, D]
+    extra = F.normalize(torch.randn(D, 2, generator=gen), dim=0)  # [D, B] background labels
+    soft = head.scores(x, SCALE, ClassifyOptions(), extra)  # [N, C + B]
+    logits = torch.cat([x @ head.weight + head.bias, SCALE * x @ extra], dim=1)
+    assert torch.allclose(soft, torch.softmax(logits, -1), atol=1e-6)
+    multi = head.scores(x, SCALE, ClassifyOptions(multi_label=True, threshold=0.2), extra)
+    cosine = torch.cat([x @ F.normalize(head.weight, dim=0), x @ extra], dim=1)
+    thresholds = torch.tensor([0.3, 0.2, 0.25, 0.2, 0.2])  # NaN and extra labels: the run's 0.2
+    assert torch.allclose(multi, torch.sigmoid(SCALE * (cosine - thresholds)), atol=1e-6)

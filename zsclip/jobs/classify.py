@@ -111,9 +111,10 @@ def _scores(
     options: ClassifyOptions,
     head: "Head | None",
 ) -> "torch.Tensor":
-    """[N, C] scores: the few-shot head's when there is one, else the zero-shot classifier's."""
+    """[N, C] scores: the few-shot head's when there is one, else the zero-shot classifier's. Columns
+    of `classifier` beyond the head's labels (background labels) are scored zero-shot beside it."""
     if head is not None:
-        return head.scores(features, scale, options)
+        return head.scores(features, scale, options, classifier[:, len(head.labels) :])
     return score_features(features, classifier, scale, options)
 
 

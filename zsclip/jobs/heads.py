@@ -66,19 +66,29 @@ class Head:
         return list(self.fit.get("examples") or [0] * len(self.labels))
 
     def scores(
-        self, features: "torch.Tensor", scale: float, options: "ClassifyOptions"
+        self,
+        features: "torch.Tensor",
+        scale: float,
+        options: "ClassifyOptions",
+        extra: "torch.Tensor | None" = None,
     ) -> "torch.Tensor":
-        """[N, D] unit image features -> [N, C] scores (see the module docstring)."""
+        """[N, D] unit image features -> [N, C + B] scores (see the module docstring). `extra` [D, B]
+        are unit text columns of more labels scored zero-shot beside the head's (background labels):
+        in the softmax with logits scale * cosine, in multi-label mode at the run's threshold."""
         import torch
         import torch.nn.functional as F
 
         features = features.float()
+        extra = features.new_zeros(features.shape[1], 0) if extra is None else extra.float()
+        weight = torch.cat([self.weight, scale * extra], dim=1)  # [D, C + B]
         if options.multi_label:
-            cosine = features @ F.normalize(self.weight, dim=0)  # [N, C]
-            own = torch.isnan(self.thresholds)
-            threshold = torch.where(own, torch.tensor(options.threshold), self.thresholds)  # [C]
+            cosine = features @ F.normalize(weight, dim=0)  # [N, C + B]
+            none = torch.full((extra.shape[1],), float("nan"))
+            chosen = torch.cat([self.thresholds, none])  # [C + B]; NaN: the run's threshold
+            threshold = torch.where(chosen.isnan(), torch.tensor(options.threshold), chosen)
             return torch.sigmoid(scale * (cosine - threshold))
-        return torch.softmax(features @ self.weight + self.bias, dim=-1)
+        bias = torch.cat([self.bias, self.bias.new_zeros(extra.shape[1])])  # [C + B]
+        return torch.softmax(features @ weight + bias, dim=-1)
 
     def reordered(self, labels: Sequence[str]) -> "Head":
         """The same head with its columns in the order of `labels` (the same labels, any case and
