@@ -209,13 +209,16 @@ def multi_label(
     split: Split, heads: dict, x: torch.Tensor, y: torch.Tensor, default: float
 ) -> dict:
     """Test macro-F1 of multi-label mode: zero-shot at the model's threshold, and the combined head
-    with per-label thresholds chosen on the examples (classify --multi-label --examples)."""
+    at that threshold, with per-label thresholds as classify --multi-label --examples chooses them,
+    and with every label's own best cut on the examples."""
     from zsclip.jobs.fewshot import choose_thresholds
 
     head = heads["auto"]
     columns = F.normalize(head.weight, dim=0)  # [D, C]
-    thresholds, _ = choose_thresholds(x @ columns, y)  # [C], NaN: none chosen
+    thresholds, _ = choose_thresholds(x @ columns, y, default)  # [C], NaN: the model's
     thresholds = torch.where(thresholds.isnan(), torch.tensor(default), thresholds)
+    own, _ = choose_thresholds(x @ columns, y)  # without the rule that keeps the model's threshold
+    own = torch.where(own.isnan(), torch.tensor(default), own)
     return {
         "zero-shot, model's threshold": macro_f1(
             split.test_x @ split.text, torch.tensor(default), split.test_y
@@ -224,6 +227,7 @@ def multi_label(
             split.test_x @ columns, torch.tensor(default), split.test_y
         ),
         "head, per-label thresholds": macro_f1(split.test_x @ columns, thresholds, split.test_y),
+        "head, every label its own cut": macro_f1(split.test_x @ columns, own, split.test_y),
     }
 
 

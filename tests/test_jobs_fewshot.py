@@ -157,6 +157,16 @@ def test_thresholds_split_positives_from_negatives() -> None:
     assert torch.isnan(alone).all()  # both keep the run's global threshold
 
 
+def test_a_label_keeps_the_global_threshold_unless_its_own_does_better() -> None:
+    cos = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.6]])  # [N, C]
+    y = torch.tensor([0, 0, 1, 1])
+    thresholds, f1 = fs.choose_thresholds(cos, y, default=0.55)
+    assert torch.isnan(thresholds).all() and f1.tolist() == [1.0, 1.0]  # 0.55 splits both
+    thresholds, f1 = fs.choose_thresholds(cos, y, default=0.65)  # misses label 1's 0.6 (F1 2/3)
+    assert torch.isnan(thresholds[0]) and thresholds[1] == pytest.approx(0.4)
+    assert f1.tolist() == [1.0, 1.0]
+
+
 def test_thresholds_maximise_f1_when_no_cut_is_perfect() -> None:
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     positive = torch.tensor([True, False, True, True, False, False])

@@ -215,8 +215,9 @@ def threshold_table(head: "Head", default: float | None, limit: int | None) -> l
     shown = rows if limit is None else rows[:limit]
     for label, count, value, score in shown:
         if math.isnan(value):
-            kept = f"{default:.3f}*" if default is not None else "-"
-            lines.append(f"  {_cut(label, width):<{width}}  {count:>8}  {kept:>9}  -")
+            kept = f"{default:.3f}*" if default is not None else "global*"
+            shown_f1 = "-" if score is None else f"{score:.2f}"
+            lines.append(f"  {_cut(label, width):<{width}}  {count:>8}  {kept:>9}  {shown_f1}")
         else:
             lines.append(f"  {_cut(label, width):<{width}}  {count:>8}  {value:>9.3f}  {score:.2f}")
     if len(shown) < len(rows):
@@ -224,7 +225,10 @@ def threshold_table(head: "Head", default: float | None, limit: int | None) -> l
             f"  ... and {len(rows) - len(shown)} more labels (`zsclip fit` lists them all)"
         )
     if any(math.isnan(value) for value in head.thresholds.tolist()):
-        lines.append("  * no examples to choose from: the global --threshold")
+        lines.append(
+            "  * the global threshold (--threshold, else the model's): no examples to choose "
+            "from, or it did as well on them"
+        )
     return lines
 
 

@@ -99,6 +99,7 @@ def fit(
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import check_outputs, load_for_inference
     from zsclip.errors import UserError
+    from zsclip.jobs.classify import model_threshold
     from zsclip.jobs.fewshot import CONTRASTS, METHODS, FitOptions
     from zsclip.jobs.heads import save_head
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
@@ -142,8 +143,9 @@ def fit(
 
     with writing(str(output)):
         save_head(output, fitted.head)
+    default = model_threshold(loaded.metadata)  # what labels without their own threshold use
     report_head(
-        fitted, source="--examples", multi_label=True, threshold=None, quiet=quiet, limit=None
+        fitted, source="--examples", multi_label=True, threshold=default, quiet=quiet, limit=None
     )
     if not quiet:
         from zsclip.cli._output import note

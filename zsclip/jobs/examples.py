@@ -171,11 +171,13 @@ def fit_examples(
     """Fit the head on embedded examples x [N, D] with labels y [N], and choose its thresholds."""
     import torch.nn.functional as F
 
-    from zsclip.jobs.classify import logit_scale_of
+    from zsclip.jobs.classify import logit_scale_of, model_threshold
     from zsclip.jobs.fewshot import choose_thresholds, fit_head
 
     fitted = fit_head(x, y, text, logit_scale_of(loaded.model), source.options)
-    thresholds, f1 = choose_thresholds(x @ F.normalize(fitted.weight, dim=0), y)  # [C], [C]
+    default = model_threshold(loaded.metadata)  # kept where the examples show nothing better
+    cosine = x @ F.normalize(fitted.weight, dim=0)  # [N, C]
+    thresholds, f1 = choose_thresholds(cosine, y, default)  # [C], [C]
     counts = [int(n) for n in y.bincount(minlength=text.shape[1]).tolist()]
     fit = {
         "method": fitted.method,

@@ -485,25 +485,42 @@ def _path_to(lambdas: tuple[float, ...], lam: float) -> tuple[float, ...]:
 # -------------------------------------------------------------------------- multi-label thresholds
 
 
-def choose_thresholds(cos: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_thresholds(
+    cos: torch.Tensor, y: torch.Tensor, default: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label cosine thresholds for multi-label mode, chosen on the examples.
 
     cos [N, C]: the cosine between each example and each label's column, the score multi-label mode
     thresholds (sigmoid(scale * (cos - t)) >= 0.5 iff cos >= t). For each label with examples, its
     own images are positives and every other example a negative; the threshold is the midpoint of
     the gap between two neighbouring scores that maximises F1 (ties: the widest gap, a 1-D maximum
-    margin). Returns thresholds [C] and the F1 on the examples [C], both float32, NaN for labels
-    without examples or without negatives (they keep the global threshold)."""
+    margin). With a `default` (the global threshold), a label keeps it unless its own threshold has
+    a higher F1 on the examples: a cut set by a few positives is noisier than a threshold tuned on
+    many images, so it must earn its place. Returns thresholds [C] (NaN: the global threshold) and
+    the F1 on the examples at the threshold kept [C] (NaN for labels without examples or without
+    negatives), both float32."""
     n_labels = cos.shape[1]
     thresholds = torch.full((n_labels,), float("nan"), dtype=torch.float64)
     f1s = torch.full((n_labels,), float("nan"), dtype=torch.float64)
     for c in range(n_labels):
         positive = y == c
-        if positive.any() and not positive.all():
-            found = best_cut(cos[:, c].to(torch.float64), positive)
-            if found is not None:
-                thresholds[c], f1s[c] = found
+        if not positive.any() or positive.all():
+            continue
+        scores = cos[:, c].to(torch.float64)
+        found = best_cut(scores, positive)
+        kept = f1_at(scores, positive, default) if default is not None else -1.0
+        if found is not None and found[1] > kept + 1e-9:
+            thresholds[c], f1s[c] = found
+        elif default is not None:
+            f1s[c] = kept
     return thresholds.float(), f1s.float()
+
+
+def f1_at(scores: torch.Tensor, positive: torch.Tensor, threshold: float) -> float:
+    """F1 of "score at or above `threshold`: positive" over scores [N]."""
+    predicted = scores >= threshold
+    tp = float((predicted & positive).sum())
+    return 2 * tp / (float(predicted.sum()) + float(positive.sum()))
 
 
 def best_cut(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float, float] | None:
