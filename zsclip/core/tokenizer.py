@@ -177,6 +177,32 @@ def _check_vocab(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None
         )
 
 
+def _stored_context_length(meta: dict[str, str]) -> int:
+    text = meta.get("tokenizer.context_length", str(CONTEXT_LENGTH))
+    value = int(text) if re.fullmatch(r"[0-9]{1,9}", text.strip()) else 0
+    if value < 2:  # room for the start and end tokens at least
+        raise UserError(
+            f"checkpoint field tokenizer.context_length must be an integer of at least 2, "
+            f"not {text[:20]!r}"
+        )
+    return value
+
+
+def _stored_vocab(text: str) -> dict[str, int]:
+    """A vocabulary stored in checkpoint metadata: a JSON object of symbols to non-negative ids."""
+    try:
+        encoder = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
+        encoder = None
+    if not isinstance(encoder, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in encoder.values()
+    ):
+        raise UserError(
+            "checkpoint field tokenizer.vocab must be a JSON object of symbols to token ids"
+        )
+    return encoder
+
+
 class Tokenizer:
     """Byte-level BPE: `encoder` maps symbols (and the two special tokens) to ids; `merges` in rank
     order."""
@@ -269,7 +295,7 @@ class Tokenizer:
             merges = _parse_merges(
                 Path(merges_txt).read_text(encoding="utf-8").splitlines(), str(merges_txt)
             )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise UserError(f"cannot read {vocab_json} + {merges_txt}: {exc}") from exc
         if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
             raise UserError(f"{vocab_json} is not a token -> id mapping")
@@ -318,7 +344,7 @@ class Tokenizer:
         kind = meta.get("tokenizer")
         if kind is None:
             return None
-        context_length = int(meta.get("tokenizer.context_length", CONTEXT_LENGTH))
+        context_length = _stored_context_length(meta)
         if kind == STANDARD_NAME:
             raise NeedsStandardVocab(kind, context_length)
         if kind != "bpe":
@@ -327,7 +353,7 @@ class Tokenizer:
             )
         merges = _parse_merges(meta.get("tokenizer.merges", "").split("\n"), "checkpoint metadata")
         if "tokenizer.vocab" in meta:
-            encoder = json.loads(meta["tokenizer.vocab"])
+            encoder = _stored_vocab(meta["tokenizer.vocab"])
             _check_vocab(encoder, merges)
             return cls(encoder, merges, context_length)
         return cls.from_merges(merges, context_length)
