@@ -42,6 +42,7 @@ import io
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -50,6 +51,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from zsclip.core.imagefile import check_file as _check_file
+from zsclip.core.imagefile import is_raw_name
 from zsclip.errors import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -203,6 +205,8 @@ def load_image(
     """
     path = Path(path)
     _check_file(path)
+    if is_raw_name(path.name):
+        return _decode_raw(path, draft_size, background, max_pixels)
     try:
         with open(path, "rb") as fp:
             return _decode(fp, draft_size, background, max_pixels)
@@ -226,9 +230,31 @@ def load_image_bytes(
     return _decode(io.BytesIO(data), draft_size, background, max_pixels)
 
 
-def _decode(
-    fp: Any, draft_size: int | None, background: tuple[int, int, int], max_pixels: int
+def _decode_raw(
+    path: Path, draft_size: int | None, background: tuple[int, int, int], max_pixels: int
 ) -> Image.Image:
+    """A camera RAW file through its embedded preview (zsclip.core.rawfile), with the same checks."""
+    from zsclip.core.rawfile import read_preview
+
+    try:
+        preview, orientation = read_preview(path, max_pixels)
+    except PermissionError:
+        raise InputError("permission denied") from None
+    if isinstance(preview, bytes):
+        return _decode(io.BytesIO(preview), draft_size, background, max_pixels, orientation)
+    method = _UPRIGHT.get(orientation)
+    return preview.transpose(method) if method is not None else preview
+
+
+def _decode(
+    fp: Any,
+    draft_size: int | None,
+    background: tuple[int, int, int],
+    max_pixels: int,
+    fallback_orientation: int = 1,
+) -> Image.Image:
+    """Open, check and decode one image; `fallback_orientation` applies when the file states none
+    (a RAW file's preview, whose orientation LibRaw read from the RAW container)."""
     try:
         image = Image.open(fp, formats=_safe_formats())
     except Image.UnidentifiedImageError:
@@ -248,6 +274,8 @@ def _decode(
             image.draft("RGB", (draft_size, draft_size))
         _load_pixels(image, max_pixels)
         orientation = _orientation(image)
+        if orientation == 1:
+            orientation = fallback_orientation
         rgb = to_rgb(image, background)  # always a new image, independent of the file
     finally:
         image.close()  # frees the decoded full-size pixels now, not at garbage collection
@@ -271,7 +299,32 @@ def _load_pixels(image: Image.Image, max_pixels: int) -> None:
 def _safe_formats() -> tuple[str, ...]:
     # registers every plugin once; Image.open needs a format to be registered to be listed
     Image.init()
+    _register_heif()
     return tuple(name for name in _SAFE_FORMATS if name in Image.OPEN)
+
+
+_heif_lock = threading.Lock()
+_heif_done = False
+
+
+def _register_heif() -> None:
+    """Teach PIL to open HEIC/HEIF (iPhone photos) through pillow-heif, once, on first decode: the
+    import costs tens of milliseconds that `zsclip --help` should not pay. AVIF is Pillow's own.
+    Decoding threads may race here, hence the lock. Without pillow-heif (a broken install) HEIC
+    files are refused like any unknown format."""
+    global _heif_done
+    if _heif_done:
+        return
+    with _heif_lock:
+        if _heif_done:
+            return
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            pass
+        else:
+            register_heif_opener()
+        _heif_done = True
 
 
 def _orientation(image: Image.Image) -> int:
