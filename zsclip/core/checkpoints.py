@@ -27,6 +27,7 @@ from zsclip.core.foreign import (
     looks_like_huggingface,
     read_huggingface_folder,
     read_openai_or_openclip,
+    read_openclip_folder,
 )
 from zsclip.core.model import CLIP
 from zsclip.core.presets import CLIPConfig, canonical_preset_name
@@ -207,11 +208,17 @@ def _read_foreign_file(path: Path, kind: str) -> ForeignCheckpoint:
 
 def _read(path: Path) -> _Read:
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        # OpenCLIP's config first: timm's repositories hold both, and their config.json describes
+        # an image tower only
+        if (path / "open_clip_config.json").is_file():
+            foreign = read_openclip_folder(path)
+        elif (path / "config.json").is_file():
+            foreign = read_huggingface_folder(path)
+        else:
             raise UserError(
-                f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights)"
+                f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights) or an "
+                f"OpenCLIP one (open_clip_config.json + weights)"
             )
-        foreign = read_huggingface_folder(path)
     else:
         if not path.is_file():
             raise UserError(f"{path}: not a regular file or folder; {FORMATS}")

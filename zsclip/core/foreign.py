@@ -220,6 +220,27 @@ def read_openai_or_openclip(path: Path, obj: Any) -> ForeignCheckpoint:
     return ForeignCheckpoint(state_dict, config, source, preprocess, names)
 
 
+# The weight files an OpenCLIP-layout folder (a Hub repository) may hold, in open_clip's order.
+OPEN_CLIP_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+
+
+def read_openclip_folder(folder: Path) -> ForeignCheckpoint:
+    """A Hub repository in OpenCLIP's layout: open_clip_config.json beside one of OPEN_CLIP_WEIGHTS.
+    Pickled weights are read by the allow-list reader (nothing in them runs)."""
+    from zsclip.core.safetensors_io import load_tensors
+
+    for name in OPEN_CLIP_WEIGHTS:
+        path = folder / name
+        if path.is_file():
+            obj = load_tensors(path) if name.endswith(".safetensors") else read_torch_file(path)
+            return read_openai_or_openclip(path, obj)
+    raise UserError(f"{folder}: open_clip_config.json but none of {', '.join(OPEN_CLIP_WEIGHTS)}")
+
+
 # ------------------------------------------------------------------------------------------ Hugging
 # Face
 
