@@ -7,7 +7,11 @@ Two steps, kept apart so a loader can decode in worker processes and batch later
     pixels = to_tensor(image, PreprocessConfig())   # FloatTensor [3, 224, 224], normalised
                                                     # = normalize(to_pixels(image, config), config)
 
-Which pipeline `to_tensor` matches: Hugging Face transformers' PIL-based CLIPImageProcessor (the "slow" one:
+Which pipeline `to_tensor` matches depends on `PreprocessConfig.crop_offsets`, which a checkpoint's
+loader sets from where the weights came from: "round" for OpenAI and OpenCLIP checkpoints, which then
+match OpenAI's and open_clip's torchvision pipeline, "floor" for Hugging Face folders and zsclip's
+own files, which match the following. With "floor" it is
+Hugging Face transformers' PIL-based CLIPImageProcessor (the "slow" one:
 `CLIPImageProcessor` in transformers 4.x, `CLIPImageProcessorPil` in 5.x). On RGB images its pixel values
 come out identical here (the tests hold them to 1e-5), because it does the same steps:
   * resize: the shortest side becomes S and the long side `int(S * long / short)` (truncated, not rounded),
@@ -17,8 +21,10 @@ come out identical here (the tests hold them to 1e-5), because it does the same 
 OpenAI's published pipeline (torchvision `Resize(S, BICUBIC)`, `CenterCrop(S)`, `ToTensor`, `Normalize`) computes
 the same resized size and also resizes with PIL on PIL images. Two differences: torchvision's CenterCrop rounds
 its offsets (`int(round((H - S) / 2))`, halves to even), so when `H - S` is 3 mod 4 its crop sits one pixel
-lower (or further right) than ours, which moves embeddings very little; and OpenAI converts RGBA to RGB by
-dropping alpha (whatever colour hides under transparent pixels shows), where we composite on a background.
+lower (or further right) than the floored one (crop_offsets="round" reproduces it); and OpenAI converts RGBA
+to RGB after the resize by dropping alpha (whatever colour hides under transparent pixels shows), where we
+composite on a background first. On RGB images, which is what `load_image` returns for every file, the
+"round" path equals OpenAI's and open_clip's pipeline.
 
 What this module adds that neither reference does (see `load_image`): EXIF orientation, every PIL
 mode to RGB with transparency composited on `PreprocessConfig.background` (white by default, as
@@ -77,6 +83,10 @@ _RESAMPLING = {
     "hamming": Image.Resampling.HAMMING,
 }
 _RESIZE_MODES = ("shortest", "squash")
+# How the center crop places its window when the margin is odd: "floor" as transformers'
+# CLIPImageProcessor ((H - S) // 2), "round" as torchvision's CenterCrop in OpenAI's and open_clip's
+# pipelines (round((H - S) / 2), halves to even). They differ by one pixel when H - S is 3 mod 4.
+_CROP_OFFSETS = ("floor", "round")
 
 # Formats PIL may open for us. Left out on purpose: EPS (runs Ghostscript on the file), WMF, and the
 # stub or scientific formats (FITS, HDF5, GRIB, ...), which no photo folder holds and which widen
@@ -130,6 +140,9 @@ class PreprocessConfig:
         255,
         255,
     )  # transparent pixels are composited on this colour
+    # "floor" (transformers, and zsclip's own checkpoints written before this field existed)
+    # or "round" (OpenAI and open_clip checkpoints): see _CROP_OFFSETS
+    crop_offsets: str = "floor"
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON) but store tuples, so configs compare and hash by value.
@@ -151,6 +164,10 @@ class PreprocessConfig:
         if self.interpolation not in _RESAMPLING:
             raise ValueError(
                 f"interpolation must be one of {', '.join(_RESAMPLING)}, not {self.interpolation!r}"
+            )
+        if self.crop_offsets not in _CROP_OFFSETS:
+            raise ValueError(
+                f"crop_offsets must be one of {', '.join(_CROP_OFFSETS)}, not {self.crop_offsets!r}"
             )
         if self.resize_mode not in _RESIZE_MODES:
             raise ValueError(
@@ -421,7 +438,13 @@ def to_pixels(
     if config.resize_mode == "squash":
         image = image.resize((size, size), resample=resample)
     else:
-        image = _resize_and_crop(image, size, resample, crop_only=resample_crop_only)
+        image = _resize_and_crop(
+            image,
+            size,
+            resample,
+            crop_only=resample_crop_only,
+            rounded=config.crop_offsets == "round",
+        )
     # Planes straight from PIL (R, G, B one after another) rather than a torch permute of [S, S, 3]:
     # the permute copy goes through torch's thread pool, which costs milliseconds when called from
     # decoding threads.
@@ -442,15 +465,19 @@ def _resize_and_crop(
     resample: Image.Resampling,
     *,
     crop_only: bool = False,
+    rounded: bool = False,
 ) -> Image.Image:
     """Shortest side -> size (long side truncated, as transformers and torchvision do), then center
-    crop."""
+    crop with floored offsets, or rounded ones (`rounded`, torchvision's CenterCrop)."""
     width, height = image.size
     if width <= height:
         new_width, new_height = size, int(size * height / width)
     else:
         new_width, new_height = int(size * width / height), size
-    left, top = (new_width - size) // 2, (new_height - size) // 2
+    if rounded:
+        left, top = int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+    else:
+        left, top = (new_width - size) // 2, (new_height - size) // 2
     if not crop_only and new_width * new_height <= _MAX_RESIZE_PIXELS:
         resized = image.resize((new_width, new_height), resample=resample)
         return resized.crop((left, top, left + size, top + size))
