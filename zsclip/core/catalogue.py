@@ -73,7 +73,10 @@ class Entry:
         return paths.cache_dir() / (self.file or self.name)
 
     def cached(self) -> bool:
-        return self.path().is_file()
+        """On disk already: in zsclip's cache, OpenAI's package's or the Hugging Face cache."""
+        if self.kind == "hf":
+            return hf_repos.find_cached(self.repo or "") is not None
+        return self.path().is_file() or openai_cached(self) is not None
 
 
 def _load_table() -> dict[str, Entry]:

@@ -23,6 +23,7 @@ import torch
 from zsclip.config import ModelChoice, default_model
 from zsclip.core.config_check import check_shapes, config_from_dict
 from zsclip.core.foreign import (
+    OPEN_CLIP_WEIGHTS,
     ForeignCheckpoint,
     looks_like_huggingface,
     read_huggingface_folder,
@@ -210,10 +211,14 @@ def _read(path: Path) -> _Read:
     if path.is_dir():
         # OpenCLIP's config first: timm's repositories hold both, and their config.json describes
         # an image tower only
-        if (path / "open_clip_config.json").is_file():
+        # an OpenCLIP config without its weights (a partial download) leaves the transformers files
+        open_clip = (path / "open_clip_config.json").is_file()
+        if open_clip and any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
             foreign = read_openclip_folder(path)
         elif (path / "config.json").is_file():
             foreign = read_huggingface_folder(path)
+        elif open_clip:
+            foreign = read_openclip_folder(path)  # says which weights are missing
         else:
             raise UserError(
                 f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights) or an "

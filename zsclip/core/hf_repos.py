@@ -34,6 +34,7 @@ from zsclip.errors import UserError
 ProgressFactory = Callable[[str, Optional[int]], ContextManager[Progress]]
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+# as zsclip.core.foreign.OPEN_CLIP_WEIGHTS, repeated so that listing the caches needs no torch
 OPEN_CLIP_WEIGHTS = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.safetensors",
