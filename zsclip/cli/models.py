@@ -61,6 +61,13 @@ def install_download_progress() -> None:
 
 def models_command(
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    presets: Annotated[
+        bool,
+        typer.Option(
+            "--presets",
+            help="List the architectures `zsclip train --model NAME` builds from scratch instead.",
+        ),
+    ] = False,
 ) -> None:
     """List the built-in model(s) and every name that can be downloaded, with size, published ImageNet
     zero-shot top-1 and parameter count, and which cache holds each one (zsclip's, OpenAI's
@@ -72,6 +79,12 @@ def models_command(
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if presets:
+        rows = preset_rows()
+        text = json.dumps(rows, indent=2) + "\n" if format == "json" else render_presets(rows)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     rows = [{**row, "description": describe(row)} for row in hub.catalog()]
     if format == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -247,5 +260,52 @@ def render_table(rows: list[dict]) -> str:
         + "  "
         + line[-1]
         + "\n"
+        for line in lines
+    )
+
+
+def preset_rows() -> list[dict]:
+    """One row per training preset: its shape, and its parameter count with the text vocabulary its
+    configuration names (`train --vocab-size N` or the standard vocabulary change the text embedding)."""
+    import torch
+
+    from zsclip.core.model import CLIP
+    from zsclip.core.presets import PRESETS
+
+    rows = []
+    for name, config in PRESETS.items():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            parameters = sum(p.numel() for p in CLIP(config).parameters())
+        vision = config.vision
+        rows.append(
+            {
+                "name": name,
+                "vision": vision.kind,
+                "image_size": vision.image_size,
+                "embed_dim": config.embed_dim,
+                "vocab_size": config.text.vocab_size,
+                "parameters": parameters,
+            }
+        )
+    return rows
+
+
+def render_presets(rows: list[dict]) -> str:
+    """Plain aligned columns: NAME VISION IMAGE EMBED VOCAB PARAMS."""
+    header = ("NAME", "VISION", "IMAGE", "EMBED", "VOCAB", "PARAMS")
+    lines = [header] + [
+        (
+            row["name"],
+            row["vision"],
+            f"{row['image_size']} px",
+            str(row["embed_dim"]),
+            str(row["vocab_size"]),
+            f"{row['parameters'] / 1e6:.1f} M",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n"
         for line in lines
     )

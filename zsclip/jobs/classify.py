@@ -244,7 +244,7 @@ def start(
         predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,
