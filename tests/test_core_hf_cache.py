@@ -214,3 +214,21 @@ def test_the_curated_table_names_clip_models_with_their_published_scores() -> No
         assert 60.0 < entry.top1 < 90.0 and entry.params > 100_000_000 and entry.size > 10**8
     best_openai = max(entry.top1 for entry in openai)
     assert max(entry.top1 for entry in hf) - best_openai > 7.0  # the "about 8 points"
+
+
+def test_download_progress_reaches_zsclips_display(repos, server) -> None:
+    import contextlib
+
+    serve_repo(server, "org/tiny-oc", repos["openclip"])
+    os.environ["HF_ENDPOINT"] = server.url("")
+    seen: list = []
+
+    @contextlib.contextmanager
+    def factory(label, size):
+        seen.append(label)
+        yield lambda done, total: seen.append((done, total))
+
+    hub.resolve("hf:org/tiny-oc", progress=factory)
+    assert seen[0] == "hf:org/tiny-oc/open_clip_model.safetensors"  # the weights only
+    size = len(repos["openclip"]["open_clip_model.safetensors"])
+    assert seen[-1] == (size, size)

@@ -202,3 +202,29 @@ def test_a_heic_upload_decodes_from_memory(tmp_path: Path) -> None:
     pillow_heif.register_heif_opener()
     two_tone().save(data, format="HEIF")
     assert load_image_bytes(data.getvalue()).size == (96, 64)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("HEIF", ".heic"), ("AVIF", ".avif"), ("DNG", ".dng")])
+def test_the_decode_memory_budget_is_asked_before_decoding(
+    tmp_path: Path, fmt: str, suffix: str
+) -> None:
+    path = tmp_path / f"budget{suffix}"
+    if fmt == "DNG":
+        _rawpy_or_skip()
+        path.write_bytes(make_dng(two_tone((300, 200))))
+    else:
+        _save(two_tone((300, 200)), path, fmt)
+    asked: list[int] = []
+    image = load_image(path, reserve=asked.append)
+    assert image.size == (300, 200)
+    assert len(asked) == 1 and asked[0] >= 300 * 200 * 4  # at least the RGB result
+
+
+def test_a_refusing_budget_stops_a_heic_before_it_is_decoded(tmp_path: Path) -> None:
+    path = _save(two_tone((300, 200)), tmp_path / "refused.heic", "HEIF")
+
+    def refuse(cost: int) -> None:
+        raise InputError(f"needs {cost} bytes, over the budget")
+
+    with pytest.raises(InputError, match="over the budget"):
+        load_image(path, reserve=refuse)

@@ -219,7 +219,7 @@ class _Getter:
         }
         try:
             with self._bar(name if big else None) as tqdm_class:
-                if tqdm_class is not None:
+                if tqdm_class is not None and _takes_tqdm_class():
                     kwargs["tqdm_class"] = tqdm_class
                 return Path(hf_hub_download(self.repo_id, name, **kwargs))
         except EntryNotFoundError as err:
@@ -241,6 +241,15 @@ class _Getter:
             return
         with factory(f"hf:{self.repo_id}/{name}", None) as callback:
             yield _tqdm_feeding(callback)
+
+
+def _takes_tqdm_class() -> bool:
+    """Whether this huggingface_hub's hf_hub_download accepts a progress class (newer ones do)."""
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+
+    return "tqdm_class" in inspect.signature(hf_hub_download).parameters
 
 
 def _default_factory() -> ProgressFactory | None:
