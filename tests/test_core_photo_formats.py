@@ -228,3 +228,9 @@ def test_a_refusing_budget_stops_a_heic_before_it_is_decoded(tmp_path: Path) -> 
 
     with pytest.raises(InputError, match="over the budget"):
         load_image(path, reserve=refuse)
+
+
+def test_a_raw_upload_is_read_through_its_preview_when_named_like_one(tmp_path: Path) -> None:
+    _rawpy_or_skip()
+    data = make_dng(two_tone(), orientation=6)
+    assert load_image_bytes(data, name="IMG_0005.DNG").size == (64, 96)

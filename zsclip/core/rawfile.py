@@ -12,7 +12,7 @@ it a RAW file is one InputError line naming the extra. LibRaw also reports how t
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 from zsclip.core.imagefile import RAW_EXTRA_HINT
 from zsclip.errors import InputError
@@ -22,7 +22,7 @@ from zsclip.errors import InputError
 _FLIP_TO_ORIENTATION = {0: 1, 3: 3, 5: 8, 6: 6}
 
 
-def read_preview(path: str | os.PathLike[str], max_pixels: int) -> tuple[Any, int]:
+def read_preview(path: str | os.PathLike[str] | BinaryIO, max_pixels: int) -> tuple[Any, int]:
     """The embedded preview of a RAW file and the orientation to apply when the preview states none.
 
     A JPEG preview comes back as its bytes (the caller decodes it with the usual checks: header
@@ -35,7 +35,8 @@ def read_preview(path: str | os.PathLike[str], max_pixels: int) -> tuple[Any, in
             f"camera RAW file: reading it needs the RAW extra, {RAW_EXTRA_HINT}"
         ) from None
     try:
-        with rawpy.imread(os.fspath(path)) as raw:
+        source = path if hasattr(path, "read") else os.fspath(path)  # a file or an upload's bytes
+        with rawpy.imread(source) as raw:
             orientation = _FLIP_TO_ORIENTATION.get(int(raw.sizes.flip), 1)
             thumb = raw.extract_thumb()
     except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):

@@ -255,16 +255,20 @@ def load_image_bytes(
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reserve: Callable[[int], None] | None = None,
+    name: str | None = None,
 ) -> Image.Image:
     """`load_image` for an image already in memory (an upload): the same decoding, checks and
-    one-line reasons."""
+    one-line reasons. `name`, the file's name where known, marks camera RAW files (read through
+    their preview as from disk)."""
     if not data:
         raise InputError("empty file (0 bytes)")
+    if name is not None and is_raw_name(name):
+        return _decode_raw(io.BytesIO(data), draft_size, background, max_pixels, reserve)
     return _decode(io.BytesIO(data), draft_size, background, max_pixels, reserve)
 
 
 def _decode_raw(
-    path: Path,
+    path: Path | io.BytesIO,
     draft_size: int | None,
     background: tuple[int, int, int],
     max_pixels: int,
