@@ -19,7 +19,7 @@ from typing import Iterator
 
 import typer
 
-from zsclip.cli import classify, convert, embed, evaluate, models, shapes, train
+from zsclip.cli import classify, convert, embed, evaluate, models, shapes, sort, tags, train
 from zsclip.errors import UserError
 
 app = typer.Typer(
@@ -37,7 +37,7 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, shapes, models, convert):
+for _command in (classify, sort, tags, embed, train, evaluate, shapes, models, convert):
     _command.register(app)
 
 

@@ -9,6 +9,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from zsclip.cli._classifying import (
+    Choices,
+    LabelsFileOpt,
+    LabelsOpt,
+    MinScoreOpt,
+    MultiLabelOpt,
+    OtherFileOpt,
+    OtherOpt,
+    TemplatesOpt,
+    ThresholdOpt,
+)
 from zsclip.cli._options import (
     BatchSizeOpt,
     CacheOpt,
@@ -29,6 +40,8 @@ Examples:
   find ~/Pictures -name '*.jpg' | zsclip classify - --labels-file classes.txt --format jsonl | jq .label
   zsclip classify photos/ -L classes.txt --multi-label --threshold 0.25 --report photos.html
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
+  zsclip classify photos/ -l "cat,dog" --min-score 0.6 --other "a photo of something else"
+  zsclip classify photos/ -L tags.txt --multi-label --xmp        # keywords for darktable, Lightroom
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
@@ -42,48 +55,17 @@ def register(app: typer.Typer) -> None:
 
 def classify(
     inputs: InputsArg = None,
-    labels: Annotated[
-        Optional[str],
-        typer.Option("--labels", "-l", help='Comma-separated labels, e.g. "corgi,jazz album".'),
-    ] = None,
-    labels_file: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--labels-file",
-            "-L",
-            help="One label per line (commas allowed); # starts a comment line.",
-        ),
-    ] = None,
-    templates: Annotated[
-        Optional[str],
-        typer.Option(
-            "--templates",
-            "-t",
-            help="Prompt template set: a name in prompts/ (photo, simple, plain, art, ...) or "
-            "a file with one template per line, {} for the label. Default: the model's own set, else photo.",
-        ),
-    ] = None,
+    labels: LabelsOpt = None,
+    labels_file: LabelsFileOpt = None,
+    templates: TemplatesOpt = None,
     model: ModelOpt = None,
     vocab: VocabOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
-    multi_label: Annotated[
-        bool,
-        typer.Option(
-            "--multi-label",
-            help="Score each label on its own (does the image show X?) instead of a softmax "
-            "over labels; lists every label that passes --threshold.",
-        ),
-    ] = False,
-    threshold: Annotated[
-        Optional[float],
-        typer.Option(
-            "--threshold",
-            min=-1.0,
-            max=1.0,
-            help="With --multi-label: the cosine similarity at which a label's "
-            "score is 0.5 (default: the model's, else 0.25).",
-        ),
-    ] = None,
+    multi_label: MultiLabelOpt = False,
+    threshold: ThresholdOpt = None,
+    min_score: MinScoreOpt = None,
+    other: OtherOpt = None,
+    other_file: OtherFileOpt = None,
     fmt: Annotated[
         Optional[str],
         typer.Option(
@@ -119,6 +101,15 @@ def classify(
     workers: WorkersOpt = None,
     exact_preprocess: ExactPreprocessOpt = False,
     cache: CacheOpt = True,
+    xmp: Annotated[
+        bool,
+        typer.Option(
+            "--xmp",
+            help="Also write the accepted labels as keywords into an XMP sidecar beside each image "
+            "(IMG_1.jpg.xmp; an existing IMG_1.xmp is updated too), keeping what other programs "
+            "wrote there. The image itself is never changed; `zsclip tags --remove` takes them out.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
@@ -128,13 +119,12 @@ def classify(
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
-    from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
-    from zsclip.jobs.labels import resolve_labels
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
-    label_list = resolve_labels(labels, labels_file)
-    if threshold is not None and not multi_label:
-        raise UserError("--threshold only applies with --multi-label")
+    choices = Choices(
+        labels, labels_file, templates, multi_label, threshold, min_score, other, other_file
+    )
+    label_list, _ = choices.check()
     check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
@@ -150,17 +140,12 @@ def classify(
     loaded, torch_device, dtype = load_for_inference(
         model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
     )
-    default_threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
     request = job.ClassifyRequest(
         labels=label_list,
         templates=templates,
         items=items,
         embeddings=embeddings,
-        options=ClassifyOptions(
-            top_k=top_k,
-            multi_label=multi_label,
-            threshold=default_threshold if threshold is None else threshold,
-        ),
+        options=choices.options(loaded, top_k),
         batch_size=batch_size,
         workers=default_workers() if workers is None else workers,
         decode=DecodeOptions.for_model(
@@ -169,6 +154,7 @@ def classify(
             thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
         ),
         use_cache=cache,
+        xmp=xmp,
     )
     run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
     sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
@@ -189,13 +175,6 @@ class _Sinks:
     from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
 
 
-def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:
-    try:
-        return float(metadata[key])
-    except (KeyError, ValueError):
-        return default
-
-
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
     """Write every prediction, then the report; exit status 1 when some inputs could not be read."""
     from zsclip.cli._runtime import finish, output_stream, write_rows
@@ -203,7 +182,9 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
 
     kept: list = []
     with output_stream(sinks.output) as stream:
-        writer = prediction_writer(sinks.fmt, stream, min(options.top_k, len(label_list)))
+        writer = prediction_writer(
+            sinks.fmt, stream, min(options.top_k, len(label_list)), _judging_columns(options)
+        )
 
         def write(prediction) -> None:
             writer.write(prediction)
@@ -216,7 +197,7 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
             total=total,
             description="classifying",
             quiet=sinks.quiet,
-            error_of=lambda p: None if p.error is None else (p.path, p.error),
+            error_of=_failure_of,
         )
         writer.close()
     if sinks.report is not None:
@@ -224,6 +205,25 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
             sinks.report, kept, label_list, model_name, options.multi_label, sinks.from_embeddings
         )
     finish(failures, total, sinks.quiet)
+
+
+def _judging_columns(options) -> tuple[str, ...]:
+    """The csv/tsv columns that --min-score and --other add (zsclip.cli._writers)."""
+    columns: tuple[str, ...] = ()
+    if options.min_score is not None or options.others:
+        columns += ("best", "best_score")
+    if options.others:
+        columns += ("other",)
+    return columns
+
+
+def _failure_of(prediction) -> tuple[str, str] | None:
+    """An input that could not be read, or whose sidecar could not be written (--xmp)."""
+    if prediction.error is not None:
+        return prediction.path, prediction.error
+    if prediction.sidecar_error is not None:
+        return prediction.path, prediction.sidecar_error
+    return None
 
 
 def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:

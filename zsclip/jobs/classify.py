@@ -11,6 +11,12 @@ other labels. A label is reported when its score is at least 0.5, i.e. when its 
 The threshold is a cosine similarity; good values depend on the model (about 0.2-0.3 for OpenAI's CLIP
 models), which is why a checkpoint may carry its own default in its metadata (`multi_label_threshold`).
 
+"None of these" (both modes): a label is *accepted* when it is in `top`, its score reaches `min_score`
+(when set) and it beats every background label (`others`, when given). Background labels are scored
+like the user's labels (so in softmax mode they take their share of the probability) but never appear
+in `top`; the best of their scores is kept as `Prediction.other`. The accepted labels are a prefix of
+`top` (it is sorted), and `Prediction.label` is the first of them, or None: "none of these".
+
 Jobs never print: this module yields Prediction rows; the terminal layer renders them.
 """
 
@@ -44,14 +50,35 @@ class Prediction:
     )  # best first; multi-label: only labels that pass
     error: str | None = None
     thumbnail: bytes | None = None  # JPEG for the HTML report
+    passing: int | None = None  # how many of `top`, from the first, are accepted; None: all
+    other: float | None = None  # with background labels: the best background label's score
+    sidecar_error: str | None = None  # with --xmp: why the sidecar could not be written
+
+    @property
+    def accepted(self) -> list[tuple[str, float]]:
+        """The labels of `top` that pass --min-score and beat the background labels."""
+        return self.top if self.passing is None else self.top[: self.passing]
 
     @property
     def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
+        accepted = self.accepted
+        return accepted[0][0] if accepted else None
 
     @property
     def score(self) -> float | None:
-        return self.top[0][1] if self.top else None
+        accepted = self.accepted
+        return accepted[0][1] if accepted else None
+
+    @property
+    def unsure(self) -> bool:
+        """Scored, but no label was accepted (below --min-score, or a background label won)."""
+        return self.error is None and bool(self.top) and self.label is None
+
+    def keywords(self, multi_label: bool) -> list[str]:
+        """The labels to tag the image with: every accepted label (multi-label), else the answer."""
+        if multi_label:
+            return [label for label, _ in self.accepted]
+        return [] if self.label is None else [self.label]
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,8 @@ class ClassifyOptions:
     multi_label: bool = False
     # multi-label only: the cosine at which a label's score is 0.5
     threshold: float = DEFAULT_THRESHOLD
+    min_score: float | None = None  # a best score below this: label None ("none of these")
+    others: tuple[str, ...] = ()  # background labels: scored, may win, reported as None
 
 
 def logit_scale_of(model: "CLIP") -> float:
@@ -91,6 +120,23 @@ def ranked(
     return pairs
 
 
+def judged(scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions) -> dict:
+    """[C + B] scores (the user's C labels, then the B background labels) -> the Prediction fields
+    `top`, `passing` and `other` (see the module docstring)."""
+    count = len(labels)
+    top = ranked(scores[:count], labels, options)
+    other = float(scores[count:].max()) if options.others else None
+    passing = 0
+    for _, value in top:
+        if options.min_score is not None and value < options.min_score:
+            break
+        if other is not None and value <= other:
+            break
+        passing += 1
+    limited = options.min_score is not None or other is not None
+    return {"top": top, "passing": passing if limited else None, "other": other}
+
+
 def classify_images(
     encoder: "ImageEncoder",
     items: Sequence[InputItem],
@@ -101,18 +147,21 @@ def classify_images(
     """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
     With the encoder's cache, images whose embedding is stored (file unchanged) are neither decoded
     nor encoded."""
-    if classifier.shape[1] != len(labels):
-        raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
+    if classifier.shape[1] != len(labels) + len(options.others):
+        raise ValueError(
+            f"classifier has {classifier.shape[1]} columns for "
+            f"{len(labels)} + {len(options.others)} labels"
+        )
     scale = logit_scale_of(encoder.model)
     for batch, features in encoder.batches(items):
-        scores = score_features(features, classifier, scale, options)  # [n, C]
+        scores = score_features(features, classifier, scale, options)  # [n, C + B]
         row = 0
         for entry in batch:
             if entry.error is not None:
                 yield Prediction(entry.path, error=entry.error)
                 continue
             yield Prediction(
-                entry.path, ranked(scores[row], labels, options), thumbnail=entry.thumbnail
+                entry.path, thumbnail=entry.thumbnail, **judged(scores[row], labels, options)
             )
             row += 1
 
@@ -137,7 +186,7 @@ def classify_embeddings(
         while next_error < len(errors) and errors[next_error][0] <= row:
             yield Prediction(errors[next_error][1], error=errors[next_error][2])
             next_error += 1
-        yield Prediction(key, ranked(scores[row], labels, options))
+        yield Prediction(key, **judged(scores[row], labels, options))
     for _, key, reason in errors[next_error:]:
         yield Prediction(key, error=reason)
 
@@ -156,6 +205,7 @@ class ClassifyRequest:
     workers: int = 0
     decode: "DecodeOptions | None" = None  # None: exact decoding
     use_cache: bool = True  # the classifier cache and the image-embedding cache
+    xmp: bool = False  # write the accepted labels as keywords into XMP sidecars (zsclip.jobs.xmp)
 
 
 @dataclass
@@ -181,17 +231,18 @@ def start(
 
     classifier = classifier_for(
         loaded,
-        request.labels,
+        list(request.labels) + list(request.options.others),  # background labels last
         request.templates,
         device=device,
         dtype=dtype,
         use_cache=request.use_cache,
         warn=warn,
-    )  # [D, C]
+    )  # [D, C + B]
     if request.embeddings is not None:
         table = read_image_embeddings(request.embeddings, loaded, warn)
         scale = logit_scale_of(loaded.model)
         predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
+        predictions = _tagged(predictions, request)
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
     decode = request.decode or DecodeOptions()
     cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
@@ -207,7 +258,24 @@ def start(
     )
     items = request.items or []
     predictions = classify_images(encoder, items, classifier, request.labels, request.options)
-    return ClassifyRun(predictions, len(items), cache)
+    return ClassifyRun(_tagged(predictions, request), len(items), cache)
+
+
+def _tagged(predictions: Iterator[Prediction], request: ClassifyRequest) -> Iterator[Prediction]:
+    """With `request.xmp`: each prediction's keywords written into the image's XMP sidecar as it
+    passes (zsclip.jobs.xmp); a sidecar that cannot be written is noted on the prediction."""
+    if not request.xmp:
+        yield from predictions
+        return
+    from zsclip.jobs.xmp import XmpError, tag_image
+
+    for prediction in predictions:
+        if prediction.error is None:
+            try:
+                tag_image(prediction.path, prediction.keywords(request.options.multi_label))
+            except XmpError as err:
+                prediction.sidecar_error = str(err)
+        yield prediction
 
 
 def read_image_embeddings(
