@@ -5,7 +5,7 @@ noise), and when the labels cover only half of the world.
 
     python benchmarks/none_of_these.py [--per-class 10] [--seed 7]
 
-Prints Markdown tables (docs/none-of-these.md holds a run). Everything is drawn here, from the seed;
+Prints Markdown tables (docs/acting.md holds a run). Everything is drawn here, from the seed;
 classification goes through zsclip's classify job, as `zsclip classify` does.
 """
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 0.9)  # 0: no --min-score (only --other can say null)
 BACKGROUND_LABELS = (
     "plain background",
     "striped background",

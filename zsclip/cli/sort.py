@@ -1,5 +1,5 @@
 """`zsclip sort`: classify images and copy, move or link each into DEST/<label>/, safely and
-undoably (zsclip.jobs.sort; docs/sorting.md)."""
+undoably (zsclip.jobs.sort; docs/acting.md)."""
 
 from __future__ import annotations
 

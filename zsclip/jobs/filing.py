@@ -16,7 +16,7 @@ to the disk before the step. The rules that make a `kill -9` harmless:
 * Folder entries are flushed (fsync of the folder) after each rename, link and unlink.
 
 Tests kill the process at every step: with ZSCLIP_FAULT_KILL_AT_STEP=N set, the Nth checkpoint
-(zsclip.jobs.manifest.checkpoint) of the process sends it SIGKILL (docs/testing.md).
+(zsclip.jobs.manifest.checkpoint) of the process sends it SIGKILL (docs/acting.md, "How it is tested").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A record is appended and flushed to the disk (fsync) *before* the step it announces, and another
 after the step is done, so after a crash at any moment the manifest says what might be half done
-and where each file may be (docs/sorting.md has the format and the guarantees). Manifests live in
+and where each file may be (docs/acting.md has the format and the guarantees). Manifests live in
 `DEST/.zsclip-sort/`, named by the UTC time their sort began.
 
 Reading one treats it as hostile: each record is checked (known kind, fields of the right types,

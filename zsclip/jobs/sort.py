@@ -5,7 +5,7 @@ unsure ones -> DEST/unsure/, with a manifest that makes every step safe to inter
 earlier sort left half done (zsclip.jobs.filing steps are idempotent): a run with the same request
 carries on in that run's manifest and skips the files it already placed; any other finishes the old
 run's unfinished steps and starts its own manifest. `place` files one prediction; `undo` puts a
-manifest's files back. docs/sorting.md describes the guarantees.
+manifest's files back. docs/acting.md describes the guarantees.
 
 Label names become folder names by `folder_name`: no `/`, no control characters, no leading dot,
 at most MAX_FOLDER_BYTES bytes; two labels that would share a folder are a usage error.
