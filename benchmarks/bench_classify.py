@@ -253,20 +253,30 @@ def case_ceiling(work: Path, launch: float, precision: str) -> dict:
 def case_text_zsclip(work: Path, launch: float) -> dict:
     import torch
 
-    from zsclip.cli.classify import _classifier
     from zsclip.core.checkpoints import load_model
+    from zsclip.jobs.zeroshot import classifier_for
 
     os.environ["ZSCLIP_CACHE"] = str(work / "cache-text")
     shutil.rmtree(work / "cache-text", ignore_errors=True)
     loaded = load_model(work / "model" / "vitb32-openai.safetensors")
     templates = str(work / "templates7.txt")
     ready = time.time()
-    weights = _classifier(
-        loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True
+    weights = classifier_for(
+        loaded,
+        LABELS_100,
+        templates,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        use_cache=True,
     )
     computed = time.time()
-    cached = _classifier(
-        loaded, LABELS_100, templates, torch.device("cpu"), torch.float32, use_cache=True
+    cached = classifier_for(
+        loaded,
+        LABELS_100,
+        templates,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        use_cache=True,
     )
     done = time.time()
     assert torch.equal(weights, cached)

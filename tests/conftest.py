@@ -39,6 +39,16 @@ def _private_cache(
     monkeypatch.setenv("ZSCLIP_CACHE", str(tmp_path_factory.mktemp("zsclip-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _private_settings(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test gets its own empty settings folder ($XDG_CONFIG_HOME) and no $ZSCLIP_MODEL, so the
+    user's `zsclip config set model ...` never changes which model a test loads."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("zsclip-config")))
+    monkeypatch.delenv("ZSCLIP_MODEL", raising=False)
+
+
 @pytest.fixture()
 def server():
     """A local HTTP server on 127.0.0.1 (tests/local_server.py), closed after the test."""

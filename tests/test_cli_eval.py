@@ -184,6 +184,40 @@ def test_eval_usage_errors(args, message, tmp_path, monkeypatch):
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
 
 
+def test_eval_pairs_errors_name_the_pairs_option(tmp_path):
+    """Found before any model is loaded (the --model named here does not exist), and in eval's own
+    words: eval has --pairs, and no --data or --skip-missing."""
+    import io
+
+    from cli_helpers import run_cli
+    from PIL import Image
+
+    missing = run_cli(["eval", "--pairs", str(tmp_path / "nosuch.tsv")])
+    assert missing.code == 2 and missing.stderr.count("\n") == 1
+    assert "give --pairs a .tsv" in missing.stderr and "--data" not in missing.stderr
+    buffer = io.BytesIO()
+    Image.effect_noise((40, 40), 60).convert("RGB").save(buffer, "PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:300])  # a truncated download
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "p.tsv").write_text("ok.png\tfine\ncut.png\tcut short\n")
+    result = run_cli(
+        ["eval", "--pairs", str(tmp_path / "p.tsv"), "--model", "/no/such.safetensors"]
+    )
+    lines = result.stderr.splitlines()
+    assert result.code == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith("zsclip: error: p.tsv:2: unreadable image") and "cut.png" in lines[0]
+    assert "1 problem(s)" in lines[1] and "fix or remove those rows" in lines[1]
+    assert "--skip-missing" not in result.stderr
+
+
+def test_eval_help_says_what_workers_does():
+    from cli_helpers import run_cli
+
+    text = " ".join(run_cli(["eval", "--help"]).stdout.split())
+    assert "0: decode in this process" in text and "[default: 0" in text
+    assert "one per core" not in text
+
+
 def test_json_figures_are_rounded(capsys):
     from zsclip.cli.evaluate import _render
 

@@ -179,12 +179,6 @@ def _zip_file(path: Path) -> None:
         archive.writestr("notes.txt", "not a torch archive")
 
 
-_PT_READER_BUG = (
-    "bug in zsclip/core/foreign.py (read_torch_file): a .pt file that is not a pickle at all "
-    "ends in a traceback from torch's weights-only unpickler (KeyError / IndexError)"
-)
-
-
 @pytest.mark.parametrize(
     "write",
     [
@@ -195,16 +189,8 @@ _PT_READER_BUG = (
         pytest.param(
             _torch_file(lambda: {"weight": __import__("torch").zeros(2, 2)}), id="not-clip"
         ),
-        pytest.param(
-            lambda p: p.write_text("hello, I am a text file\n"),
-            id="text",
-            marks=pytest.mark.xfail(strict=True, reason=_PT_READER_BUG),
-        ),
-        pytest.param(
-            lambda p: p.write_bytes(b""),
-            id="empty",
-            marks=pytest.mark.xfail(strict=True, reason=_PT_READER_BUG),
-        ),
+        pytest.param(lambda p: p.write_text("hello, I am a text file\n"), id="text"),
+        pytest.param(lambda p: p.write_bytes(b""), id="empty"),
     ],
 )
 def test_a_pt_file_that_is_no_clip_checkpoint_is_one_line_exit_2(

@@ -58,7 +58,7 @@ def test_models_json_lists_every_name_uncached():
     assert [row["name"] for row in rows if row["kind"] == "vocab"] == ["vocab"]
     cache = Path(os.environ["ZSCLIP_CACHE"])
     for row in rows:
-        assert set(row) == {"name", "kind", "size", "cached", "path", "url"}
+        assert set(row) == {"name", "kind", "size", "cached", "path", "url", "description"}
         assert row["cached"] is False and Path(row["path"]).is_relative_to(cache)
     assert next(row for row in rows if row["name"] == "ViT-B/32")["size"] == 353_976_522
 
@@ -77,6 +77,7 @@ def test_models_json_shows_builtin_and_cached_files(tmp_path):
         "cached": True,
         "path": str(tmp_path / "weights" / "shapes.safetensors"),
         "url": None,
+        "description": "built-in model",  # its header is unreadable: no description of its own
     }
     assert rows["ViT-B/16"]["cached"] is True and rows["ViT-B/16"]["path"] == str(cached)
     assert rows["ViT-B/16"]["size"] == 10 and rows["ViT-B/32"]["cached"] is False
@@ -86,7 +87,7 @@ def test_models_table_is_plain_text_with_a_header():
     result = invoke("models")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "PATH"]
+    assert lines[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH"]
     assert len(lines) == 1 + len(NINE) + 1
     assert "\x1b" not in result.stdout
     assert lines[6].split()[:5] == ["ViT-B/32", "openai", "337.6", "MiB", "no"]

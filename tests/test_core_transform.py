@@ -558,8 +558,110 @@ def test_draft_never_goes_below_the_target_on_the_short_side(
     exif[0x0112] = orientation
     Image.new("RGB", size, (90, 90, 90)).save(tmp_path / "d.jpg", exif=exif.tobytes(), quality=50)
     image = load_image(tmp_path / "d.jpg", draft_size=target)
-    # the largest DCT scale that keeps both stored sides >= target, or full size when none does
+    # the largest DCT scale that keeps both stored sides >= target, or full size when none does,
+    # then the largest whole box-average factor that still does
     scale = max(s for s in (1, 2, 4, 8) if s == 1 or min(size) // target >= s)
     stored = (math.ceil(size[0] / scale), math.ceil(size[1] / scale))
+    factor = max(1, min(stored) // target)
+    stored = (math.ceil(stored[0] / factor), math.ceil(stored[1] / factor))
     expected = stored if orientation <= 4 else stored[::-1]
     assert image.size == expected and min(image.size) >= min(target, min(size))
+
+
+# --- memory: banded conversion, draft box-averaging, the decode cost -------------------------------------
+
+
+def _noise_rgba(width: int, height: int, seed: int = 3) -> Image.Image:
+    rng = random.Random(seed)
+    return Image.frombytes("RGBA", (width, height), rng.randbytes(width * height * 4))
+
+
+def test_banded_conversion_equals_converting_the_whole_image() -> None:
+    """to_rgb converts a few rows at a time to keep memory small; the pixels must not notice."""
+    image = _noise_rgba(3001, 1003)  # several bands of rows, the last one partial
+    background = (10, 200, 30)
+    whole = Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image)
+    expected = whole.convert("RGB")
+    assert transform._band_bytes(3001) * 2 < 3001 * 1003 * 4  # really more than one band
+    assert to_rgb(image, background).tobytes() == expected.tobytes()
+    # draft path: box-averaged band by band equals box-averaging the whole composite
+    reduced = transform._convert(image, background, 3)
+    assert reduced.size == (1001, 335) and reduced.tobytes() == expected.reduce(3).tobytes()
+
+
+def test_banded_high_depth_image_uses_the_whole_images_range() -> None:
+    """A 32-bit image whose bands have different value ranges: scaled by the whole image's range."""
+    width, height = 2000, 1200
+    rows = [bytes(struct.pack("<i", -5000 + 9 * y) * width) for y in range(height)]
+    image = Image.frombytes("I", (width, height), b"".join(rows))
+    low, high = -5000.0, -5000.0 + 9 * (height - 1)
+    scale = 255.0 / (high - low)
+    expected = image.point(lambda v: v * scale + (0.5 - low * scale)).convert("L").convert("RGB")
+    assert to_rgb(image).tobytes() == expected.tobytes()
+
+
+def test_draft_box_averages_a_large_png_and_stays_close_to_exact(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    scene = Image.linear_gradient("L").resize((2400, 1800)).convert("RGB")
+    ImageDraw.Draw(scene).ellipse((300, 200, 1900, 1500), fill=(200, 40, 90))
+    scene.save(path, compress_level=1)
+    drafted = load_image(path, draft_size=336)
+    assert drafted.size == (
+        480,
+        360,
+    )  # 1800 // 336 = 5: the largest factor keeping both sides >= 336
+    exact = load_image(path)
+    assert exact.size == (2400, 1800)
+    config = PreprocessConfig()
+    cosine = torch.nn.functional.cosine_similarity(
+        to_tensor(drafted, config).double().flatten(),
+        to_tensor(exact, config).double().flatten(),
+        0,
+    )
+    assert cosine.item() > 0.999
+    assert load_image(path, draft_size=1000).size == (2400, 1800)  # factor 1: nothing to gain
+
+
+@pytest.mark.parametrize("draft", [None, 336])
+def test_decode_cost_is_reserved_before_any_pixel_is_decoded(
+    tmp_path: Path, monkeypatch, draft
+) -> None:
+    path = tmp_path / "a.png"
+    _noise_rgba(1500, 1000).save(path, compress_level=1)
+    events: list = []
+    loader = transform._load_pixels
+    monkeypatch.setattr(
+        transform,
+        "_load_pixels",
+        lambda image, limit: (events.append("decode"), loader(image, limit)),
+    )
+    load_image(path, draft_size=draft, reserve=lambda nbytes: events.append(nbytes))
+    expected = transform.decode_cost((1500, 1000), "RGBA", draft)
+    assert events == [expected, "decode"]
+    decoded, result = 1500 * 1000 * 4, (1500 * 1000 * 4 if draft is None else 750 * 500 * 4)
+    assert decoded + result <= expected <= decoded + 2 * result + (64 << 20)
+
+
+def test_a_refused_reservation_decodes_nothing(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(path)
+    monkeypatch.setattr(transform, "_load_pixels", lambda *args: pytest.fail("decoded anyway"))
+
+    def refuse(nbytes: int) -> None:
+        raise MemoryError("no room")
+
+    with pytest.raises(MemoryError):
+        load_image(path, reserve=refuse)
+
+
+def test_decode_cost_counts_pil_storage() -> None:
+    # On the draft path the result is small and the decoded pixels dominate: PIL keeps L and P in 1
+    # byte a pixel, 16-bit grey in 2, RGB and RGBA in 4.
+    pixels, draft = 4000 * 3000, 336
+    costs = {
+        mode: transform.decode_cost((4000, 3000), mode, draft) for mode in ("L", "I;16", "RGBA")
+    }
+    assert costs["I;16"] - costs["L"] == pixels and costs["RGBA"] - costs["I;16"] == 2 * pixels
+    # exact path: the decoded pixels plus a full-size RGB result
+    assert transform.decode_cost((4000, 3000), "RGBA") >= 8 * pixels
+    assert transform.decode_cost((8, 8), "RGB") < 4096  # a tiny image costs little

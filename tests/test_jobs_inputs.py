@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,50 @@ def test_symlinks_followed_without_looping(tmp_path: Path) -> None:
     assert sum(Path(item.path).name == "a.jpg" for item in items) == 1  # the loop was not followed
 
 
+def test_a_tree_deeper_than_the_recursion_limit_is_walked_in_order(tmp_path: Path) -> None:
+    """Folders nested past Python's recursion limit (1,200 deep, as a stress test found) are walked
+    like any other: depth first, each level sorted, files before and after a subfolder in name order."""
+    depth = sys.getrecursionlimit() + 200
+    top = tmp_path / "deep"
+    current = str(top)
+    os.mkdir(current)  # os.makedirs and Path.mkdir(parents=True) recurse themselves
+    expected_down, expected_up = [], []
+    try:
+        for level in range(depth):
+            if level in (0, depth // 2, depth - 1):
+                before, after = os.path.join(current, "a.png"), os.path.join(current, "z.png")
+                for name in (before, after):
+                    with open(name, "wb") as handle:
+                        handle.write(b"not decoded here")
+                expected_down.append(before)
+                expected_up.insert(0, after)
+            os.mkdir(os.path.join(current, "m"))
+            current = os.path.join(current, "m")
+        os.symlink(
+            top, os.path.join(current, "back-to-top")
+        )  # a cycle from the bottom: not followed
+        items = expand_inputs([str(top)])
+    finally:
+        _remove_deep_tree(current, top)
+    assert paths(items) == expected_down + expected_up
+    assert all(item.error is None for item in items)
+
+
+def _remove_deep_tree(bottom: str, top: Path) -> None:
+    """Bottom up, without recursion: shutil.rmtree (and pytest's clean-up of old tmp_path folders)
+    would hit the recursion limit on this tree and break later test sessions."""
+    current = bottom
+    while True:
+        for name in os.listdir(current):
+            path = os.path.join(current, name)
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+        os.rmdir(current)
+        if current == str(top):
+            return
+        current = os.path.dirname(current)
+
+
 def test_dangling_link_given_directly(tmp_path: Path) -> None:
     os.symlink(tmp_path / "gone.jpg", tmp_path / "link.jpg")
     [item] = expand_inputs([str(tmp_path / "link.jpg")])
@@ -116,6 +161,40 @@ def test_empty_labels_are_usage_errors(text: str) -> None:
 def test_duplicate_labels_are_usage_errors(text: str) -> None:
     with pytest.raises(UserError, match="duplicate"):
         parse_labels_option(text)
+
+
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [
+        (["cat", "ca\u200bt"], r"ca\u200bt"),  # zero-width space
+        (["jazz album", "jazz\u00a0album"], r"jazz\xa0album"),  # no-break space
+        (["corgi", "\ufeffcorgi"], r"\ufeffcorgi"),  # byte-order mark
+        (["cafe\u0301", "caf\u00e9"], "caf"),  # combining accent vs precomposed
+        (["ﬁsh", "fish"], "fish"),  # ligature
+        (["ｃａｔ", "cat"], "cat"),  # full-width letters
+        (["soft\u00adware", "software"], "software"),  # soft hyphen
+    ],
+)
+def test_labels_differing_only_by_invisible_or_look_alike_characters_are_duplicates(
+    labels: list[str], shown: str
+) -> None:
+    """A reader cannot tell these apart, so they would split one class in two."""
+    with pytest.raises(UserError, match="duplicate") as info:
+        read_labels_from(labels)
+    message = str(info.value)
+    assert shown in message and "\n" not in message
+    assert all(ch.isprintable() for ch in message)  # the invisible character is shown escaped
+
+
+def read_labels_from(labels: list[str]) -> list[str]:
+    from zsclip.jobs.labels import check_labels
+
+    return check_labels(labels, "--labels")
+
+
+def test_a_label_of_invisible_characters_only_is_refused() -> None:
+    with pytest.raises(UserError, match="invisible"):
+        read_labels_from(["cat", "\u200b\u200d"])
 
 
 def test_labels_file_keeps_commas_and_skips_comments(tmp_path: Path) -> None:
@@ -155,10 +234,17 @@ def test_template_default_follows_the_model_when_it_names_a_set() -> None:
 
 def test_user_template_file_and_braces_in_labels(tmp_path: Path) -> None:
     path = tmp_path / "mine.txt"
-    path.write_text("# comment\nart of {}   # trailing comment\n\n{} on a table\n")
+    path.write_text("# comment\nart of {}\n\n{} on a table\n  # indented comment\n")
     templates = load_templates(str(path))
     assert templates.templates == ("art of {}", "{} on a table")
     assert templates.prompts("{odd} label") == ["art of {odd} label", "{odd} label on a table"]
+
+
+def test_a_hash_inside_a_template_is_part_of_it(tmp_path: Path) -> None:
+    """Only a line starting with `#` is a comment: "#1" or "C#" in a template must reach the model."""
+    path = tmp_path / "mine.txt"
+    path.write_text("# comment\nthe #1 {} of the year\n{} in C# code\n")
+    assert load_templates(str(path)).templates == ("the #1 {} of the year", "{} in C# code")
 
 
 def test_template_errors(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "ZSCLIP_CACHE": str(scratch / "cache")}
     env.pop("ZSCLIP_MODEL", None)
+    env["XDG_CONFIG_HOME"] = str(scratch / "config")  # no user settings file (zsclip config)
     return {"wheel": wheel, "site": site, "cwd": elsewhere, "env": env}
 
 

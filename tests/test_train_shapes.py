@@ -114,3 +114,56 @@ def test_shapes_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "w" / "train.tsv").read_text().splitlines()) == 4
     assert len(list((tmp_path / "w" / "heldout").rglob("*.png"))) == 20
+
+
+def _small(out: Path, count: int, **kwargs) -> dict:
+    return shapes.generate(
+        out, count, seed=3, image_size=16, val_count=2, eval_per_class=1, **kwargs
+    )
+
+
+def test_shapes_refuses_a_file_and_a_folder_of_other_things(tmp_path):
+    from cli_helpers import run_cli
+
+    (tmp_path / "afile").write_text("mine")
+    result = run_cli(["shapes", str(tmp_path / "afile"), "-n", "3", "-q"])
+    assert result.code == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    result = run_cli(["shapes", str(tmp_path / "work"), "-n", "3", "-q"])
+    assert result.code == 2 and "not a shapes set" in result.stderr and "notes.txt" in result.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
+
+
+def test_shapes_replaces_a_previous_set_whole(tmp_path):
+    out = tmp_path / "set"
+    _small(out, 12)
+    (out / "train" / "000011.png").touch()  # still there unless the old set is removed whole
+    _small(out, 4)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert len((out / "train.tsv").read_text().splitlines()) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no temporary folders left beside it
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_an_interrupted_shapes_run_leaves_the_previous_set(tmp_path):
+    out = tmp_path / "set"
+    _small(out, 4)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C halfway through drawing the new set
+
+    with pytest.raises(KeyboardInterrupt):
+        _small(out, 300, progress=interrupt)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in tmp_path.iterdir()] == ["set"]

@@ -3,7 +3,7 @@
 classifying (a new option here, a field in `Choices`) reaches all of those commands at once.
 
 A command lists the options as parameters, packs them into `Choices`, calls `check()` before any
-work and `options()` once the model is loaded.
+work and `options()` once the model is loaded, and `warn_about_labels` before the first result.
 """
 
 from __future__ import annotations
@@ -106,12 +106,12 @@ class Choices:
 
     def options(self, loaded: "LoadedModel", top_k: int) -> "ClassifyOptions":
         """The job's options; the multi-label threshold defaults to the model's own."""
-        from zsclip.jobs.classify import DEFAULT_THRESHOLD, ClassifyOptions
+        from zsclip.jobs.classify import ClassifyOptions, model_threshold
 
         _, others = self.check()
         threshold = self.threshold
         if threshold is None:
-            threshold = _metadata_float(loaded.metadata, "multi_label_threshold", DEFAULT_THRESHOLD)
+            threshold = model_threshold(loaded.metadata)
         return ClassifyOptions(
             top_k=top_k,
             multi_label=self.multi_label,
@@ -121,8 +121,34 @@ class Choices:
         )
 
 
-def _metadata_float(metadata: dict[str, str], key: str, default: float) -> float:
-    try:
-        return float(metadata[key])
-    except (KeyError, ValueError):
-        return default
+MAX_WORDS_SHOWN = 8  # unknown label words named in the warning; the rest are counted
+
+
+def warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
+    """Before any result: labels the model never learnt a word of (a model that lists the words of
+    its training captions, such as the built-in one), and a lone label under softmax."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
+    from zsclip.jobs.labels import unknown_words
+
+    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
+        more = (
+            f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
+        )
+        description = loaded.metadata.get("description")
+        model = f"the {'built-in ' if loaded.builtin else ''}model {loaded.name}"
+        model += f" ({description})" if description else ""
+        warn(f"{model} never learnt the word(s) {shown}{more}: its scores for them mean nothing")
+        warn(
+            f"for a real CLIP use {real_clip_hint()}; "
+            f"`zsclip config set model {REAL_CLIP}` makes it the default"
+        )
+    else:
+        announce_builtin(loaded, quiet)
+    if len(label_list) == 1 and not multi_label:
+        warn(
+            "with one label every image scores 1.0 (a softmax over one label); add labels to choose "
+            "among, or use --multi-label to ask whether each image shows it"
+        )

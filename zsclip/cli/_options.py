@@ -21,7 +21,8 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Model: a built-in or downloadable name (see `zsclip models`), hf:ORG/NAME, or a checkpoint path. "
-        "Default: $ZSCLIP_MODEL, else the built-in model.",
+        "Default: $ZSCLIP_MODEL, else `zsclip config set model NAME`, else the built-in demo model "
+        "(coloured shapes only).",
     ),
 ]
 VocabOpt = Annotated[
@@ -29,6 +30,7 @@ VocabOpt = Annotated[
     typer.Option(
         "--vocab",
         envvar="ZSCLIP_VOCAB",
+        metavar="PATH",
         help="BPE vocabulary (bpe_simple_vocab_16e6.txt.gz, or a folder with vocab.json + merges.txt); overrides "
         "the checkpoint's own. Needed for OpenAI/OpenCLIP files when it is neither beside them nor in the cache.",
     ),

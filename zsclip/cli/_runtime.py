@@ -36,8 +36,10 @@ def load_for_inference(
     precision: str,
     offline: bool,
     quiet: bool,
+    announce: bool = True,
 ) -> tuple["LoadedModel", "torch.device", "torch.dtype"]:
-    """Resolve --device and --precision (cheap checks first), then load the model in eval mode there."""
+    """Resolve --device and --precision (cheap checks first), then load the model in eval mode there.
+    `announce`: say when the built-in model is in use (announce_builtin)."""
     prepare_torch()
     from zsclip.core.checkpoints import load_model
     from zsclip.core.devices import resolve_device, resolve_precision
@@ -45,13 +47,38 @@ def load_for_inference(
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
     loaded = load_model(model, vocab=vocab, device=torch_device, offline=offline)
-    if loaded.builtin:
-        note(
-            f"zsclip: using the built-in demo model ({loaded.name}); pick another with --model NAME or PATH "
-            "or the ZSCLIP_MODEL variable (`zsclip models` lists names)",
-            quiet=quiet,
-        )
+    if announce:
+        announce_builtin(loaded, quiet)
     return loaded, torch_device, dtype
+
+
+REAL_CLIP = "ViT-B/32"  # what a user who wants real photos should reach for first
+
+
+def real_clip_hint() -> str:
+    """How to get a real CLIP: `--model ViT-B/32 (338 MiB, downloaded once)`, size from the catalogue."""
+    from zsclip.core import catalogue as hub
+
+    entry = hub.lookup(REAL_CLIP)
+    if entry is None:
+        return "--model NAME (`zsclip models` lists them)"
+    if entry.cached():
+        return f"--model {entry.name} (already downloaded)"
+    size = f"{entry.size / 2**20:.0f} MiB, " if entry.size else ""
+    return f"--model {entry.name} ({size}downloaded once)"
+
+
+def announce_builtin(loaded: "LoadedModel", quiet: bool) -> None:
+    """One note when the built-in demo model is in use: what it knows, and how to get a real CLIP."""
+    if not loaded.builtin:
+        return
+    description = loaded.metadata.get("description")
+    model = f"model {loaded.name} ({description})" if description else f"demo model {loaded.name}"
+    note(
+        f"zsclip: using the built-in {model}; for a real CLIP use {real_clip_hint()}, "
+        f"or make it the default: zsclip config set model {REAL_CLIP}",
+        quiet=quiet,
+    )
 
 
 def cache_summary(cache: "ImageCache | None", quiet: bool) -> None:

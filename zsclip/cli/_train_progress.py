@@ -6,15 +6,16 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from zsclip.cli._output import error_line, note, stderr_console, warn
+from zsclip.cli._output import error_line, note, stderr_console, stderr_is_terminal, warn
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# the stop signals and the exit status of a run they stopped (128 + the signal's number)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[dict]:
-    """Ctrl-C / SIGTERM ask the loop to save and stop after the current step; a second Ctrl-C aborts at
-    once."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) ask the loop to save and stop after the current
+    step; a second Ctrl-C aborts at once. A signal the caller ignores (nohup) stays ignored."""
     received: dict[str, Any] = {"signal": None}
 
     def handler(signum: int, frame: Any) -> None:
@@ -22,7 +23,11 @@ def stop_on_signals() -> Iterator[dict]:
             raise KeyboardInterrupt
         received["signal"] = signum
 
-    previous = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig in EXIT_CODES
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield received
     finally:
@@ -30,22 +35,27 @@ def stop_on_signals() -> Iterator[dict]:
             signal.signal(sig, old)
 
 
-def run_training(config: Any, *, resume: bool, quiet: bool) -> int:
-    """Run the job; returns the exit code (0 done, 130/143 stopped by a signal after saving).
+def run_training(
+    config: Any, *, resume: bool, quiet: bool, given: frozenset[str] = frozenset()
+) -> int:
+    """Run the job; returns the exit code (0 done, 130/143/129 stopped by a signal after saving).
 
-    Under torchrun only rank 0 shows progress, notes and warnings; every process leaves the process
-    group.
+    Under torchrun only rank 0 shows progress, notes, warnings and the errors it found for all
+    (the other ranks exit with the same code, silently); every process leaves the process group.
     """
     from zsclip.train.distributed import is_main, shutdown
+    from zsclip.train.parallel import RankZeroError
 
     main = is_main()
     try:
-        return _run(config, resume=resume, quiet=quiet or not main, main=main)
+        return _run(config, resume=resume, quiet=quiet or not main, main=main, given=given)
+    except RankZeroError as err:
+        return err.exit_code
     finally:
         shutdown()
 
 
-def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
+def _run(config: Any, *, resume: bool, quiet: bool, main: bool, given: frozenset[str]) -> int:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -58,7 +68,8 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
     from zsclip.train.loop import Hooks, prepare
 
     # The bar starts only once the data checks and set-up have passed, so errors print on a clean
-    # terminal.
+    # terminal. It is drawn on a terminal only: a log file gets the notes, and log.jsonl has every
+    # step.
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -66,14 +77,20 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=stderr_console(),
-        disable=quiet,
+        disable=quiet or not stderr_is_terminal(),
         transient=False,
     )
     task = bar.add_task("training", total=None, status="")
 
     def on_start(start: int, total: int) -> None:
         bar.update(task, completed=start, total=total)
-        if start:
+        if start and start >= total:
+            note(
+                f"the run already reached its last step ({total}); give a larger --steps or "
+                "--epochs with --resume to train it further",
+                quiet=quiet,
+            )
+        elif start:
             note(f"resuming at step {start} of {total}", quiet=quiet)
 
     def on_step(record: dict) -> None:
@@ -98,12 +115,9 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
             should_stop=lambda: received["signal"] is not None,
         )
         try:
-            run = prepare(config, resume=resume, hooks=hooks)
+            run = prepare(config, resume=resume, hooks=hooks, given=given)
         except DataError as err:
-            for problem in err.problems[:50]:
-                error_line(problem)
-            if len(err.problems) > 50:
-                error_line(f"... and {len(err.problems) - 50} more")
+            show_problems(err)
             raise
         with bar:
             result = run.train()
@@ -119,3 +133,13 @@ def _run(config: Any, *, resume: bool, quiet: bool, main: bool) -> int:
         quiet=quiet,
     )
     return 0
+
+
+def show_problems(err: Any) -> None:
+    """The problems of a zsclip.train.data.DataError, one line each (the first SHOWN_PROBLEMS)."""
+    from zsclip.train.data import SHOWN_PROBLEMS
+
+    for problem in err.problems[:SHOWN_PROBLEMS]:
+        error_line(problem)
+    if len(err.problems) > SHOWN_PROBLEMS:
+        error_line(f"... and {len(err.problems) - SHOWN_PROBLEMS} more")

@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from zsclip.errors import UserError
 from zsclip.escapes import csv_text, for_display, json_text
+from zsclip.jobs.classify import prediction_record
 from zsclip.jobs.embedding_files import embedding_line
 
 if TYPE_CHECKING:
@@ -67,26 +68,6 @@ def _format_of_output(output: Path) -> str:
 
 # -----------------------------------------------------------------------------------------------
 # predictions
-
-
-def _score(value: float) -> float:
-    return round(float(value), 6)
-
-
-def prediction_record(prediction: "Prediction") -> dict[str, Any]:
-    """The jsonl contract: path, label, score, top (and with background labels, other) -- or path,
-    error. `label` and `score` are null when no label was accepted (zsclip.jobs.classify)."""
-    if prediction.error is not None:
-        return {"path": prediction.path, "error": prediction.error}
-    record = {
-        "path": prediction.path,
-        "label": prediction.label,
-        "score": None if prediction.score is None else _score(prediction.score),
-        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
-    }
-    if prediction.other is not None:
-        record["other"] = _score(prediction.other)
-    return record
 
 
 class JsonlPredictions:

@@ -15,15 +15,29 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import typer
 
-from zsclip.cli import classify, convert, embed, evaluate, models, shapes, sort, tags, train
+from zsclip.cli import (
+    classify,
+    config,
+    convert,
+    embed,
+    evaluate,
+    models,
+    serve,
+    shapes,
+    sort,
+    tags,
+    train,
+)
+from zsclip.cli._help import WordedGroup
 from zsclip.errors import UserError
 
 app = typer.Typer(
     name="zsclip",
+    cls=WordedGroup,  # placeholders in --help read as words (--top-k N), not Python types
     help=(
         "Zero-shot image classification with CLIP.\n\n"
         'Example: zsclip classify photos/ --labels "corgi,jazz album"'
@@ -37,12 +51,42 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, sort, tags, embed, train, evaluate, shapes, models, convert):
+for _command in (
+    classify,
+    sort,
+    tags,
+    embed,
+    train,
+    evaluate,
+    shapes,
+    models,
+    convert,
+    config,
+    serve,
+):
     _command.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from zsclip.version import __version__
+
+        print(f"zsclip {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _before_any_command() -> None:
+def _before_any_command(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print zsclip's version and exit.",
+        ),
+    ] = False,
+) -> None:
     # Click runs this before every command but never for `zsclip --help`, so what it imports
     # (zsclip.core.catalogue: urllib, http.client, ssl, ~50 ms) stays off the help path.
     from zsclip.cli.models import install_download_progress

@@ -19,6 +19,7 @@ from zsclip.cli._classifying import (
     OtherOpt,
     TemplatesOpt,
     ThresholdOpt,
+    warn_about_labels,
 )
 from zsclip.cli._options import (
     BatchSizeOpt,
@@ -42,11 +43,13 @@ Examples:
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
   zsclip classify photos/ -l "cat,dog" --min-score 0.6 --other "a photo of something else"
   zsclip classify photos/ -L tags.txt --multi-label --xmp        # keywords for darktable, Lightroom
+  zsclip classify photo.jpg --labels "cat,dog" --server http://127.0.0.1:8765   # a running `zsclip serve`
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
 Exit status: 0 all inputs handled, 1 some could not be read (the rest were written), 2 usage error,
-3 the output could not be written, 130/143/129 stopped by Ctrl-C/SIGTERM/SIGHUP."""
+3 the output could not be written, 4 no server answers at --server, 130/143/129 stopped by
+Ctrl-C/SIGTERM/SIGHUP."""
 
 
 def register(app: typer.Typer) -> None:
@@ -112,14 +115,27 @@ def classify(
     ] = False,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
+    server: Annotated[
+        Optional[str],
+        typer.Option(
+            "--server",
+            envvar="ZSCLIP_SERVER",
+            show_envvar=True,
+            help="Send the images to a running `zsclip serve` at this URL instead of loading a "
+            "model here (same output; its token from ZSCLIP_TOKEN).",
+        ),
+    ] = None,
 ) -> None:
-    """Classify images into your labels, zero-shot: no training, just class names in words."""
+    """Classify images into your labels, zero-shot: no training, just class names in words.
+
+    Without --model, the built-in demo model knows only coloured shapes ("red circle"); for photos
+    get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
+    ViT-B/32` makes it the default).
+    """
     from zsclip.cli._output import stdout_is_terminal, warn
-    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
-    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     choices = Choices(
         labels, labels_file, templates, multi_label, threshold, min_score, other, other_file
@@ -129,17 +145,51 @@ def classify(
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
+    if server:
+        _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
+        _refuse_local_options(precision=None if precision == "fp32" else precision)
+        if other is not None or other_file is not None:
+            raise UserError(
+                "--other does not work with --server yet (the server scores only --labels); "
+                "use --min-score, or classify here without --server"
+            )
     items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
         return
 
+    if server:
+        from zsclip.cli._remote import RemoteClassify
+
+        request = RemoteClassify(
+            labels=label_list,
+            templates=templates,
+            top_k=top_k,
+            multi_label=multi_label,
+            threshold=threshold,
+            exact_preprocess=exact_preprocess,
+            batch_size=batch_size,
+            min_score=min_score,
+        )
+        sinks = _Sinks(chosen_format, output, report, quiet, thumbnails_from_files=True)
+        _classify_remote(server, items, request, sinks, xmp)
+        return
+
+    from zsclip.cli._report import THUMBNAIL_SIZE
     from zsclip.cli._runtime import cache_summary, load_for_inference
     from zsclip.jobs import classify as job
+    from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
     loaded, torch_device, dtype = load_for_inference(
-        model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
+        model,
+        vocab=vocab,
+        device=device,
+        precision=precision,
+        offline=offline,
+        quiet=quiet,
+        announce=False,
     )
+    warn_about_labels(loaded, label_list, multi_label, quiet)
     request = job.ClassifyRequest(
         labels=label_list,
         templates=templates,
@@ -157,11 +207,39 @@ def classify(
         xmp=xmp,
     )
     run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
-    sinks = _Sinks(chosen_format, output, report, quiet, from_embeddings=embeddings is not None)
+    sinks = _Sinks(
+        chosen_format, output, report, quiet, thumbnails_from_files=embeddings is not None
+    )
     try:  # exits 1 if some inputs failed
         _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
     finally:
         cache_summary(run.cache, quiet)
+
+
+def _refuse_local_options(**given) -> None:
+    """Options that choose or run the model here mean nothing with --server: say so."""
+    from zsclip.errors import UserError
+
+    for name, value in given.items():
+        if value is not None and value != "auto":
+            raise UserError(
+                f"--{name} does not apply with --server (the server's model answers); drop one"
+            )
+
+
+def _classify_remote(url: str, items, request, sinks: _Sinks, xmp: bool) -> None:
+    """--server: the same rows, written the same way, from a running `zsclip serve` (--xmp
+    sidecars are written here, beside the images)."""
+    from zsclip.cli._output import warn
+    from zsclip.cli._remote import classify_remote
+    from zsclip.jobs.classify import ClassifyOptions, tagged
+
+    run = classify_remote(url, items, request, warn)
+    options = ClassifyOptions(
+        top_k=request.top_k, multi_label=request.multi_label, min_score=request.min_score
+    )
+    predictions = tagged(run.predictions, options.multi_label, xmp)
+    _write(predictions, run.total, request.labels, options, sinks, run.model)
 
 
 @dataclass(frozen=True)
@@ -172,7 +250,7 @@ class _Sinks:
     output: Optional[Path]
     report: Optional[Path]
     quiet: bool
-    from_embeddings: bool  # no images were decoded, so report thumbnails come from the files
+    thumbnails_from_files: bool  # no images were decoded here: report thumbnails read the files
 
 
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
@@ -202,7 +280,12 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
         writer.close()
     if sinks.report is not None:
         _write_report(
-            sinks.report, kept, label_list, model_name, options.multi_label, sinks.from_embeddings
+            sinks.report,
+            kept,
+            label_list,
+            model_name,
+            options.multi_label,
+            sinks.thumbnails_from_files,
         )
     finish(failures, total, sinks.quiet)
 
@@ -226,10 +309,10 @@ def _failure_of(prediction) -> tuple[str, str] | None:
     return None
 
 
-def _write_report(path, predictions, label_list, model_name, multi_label, from_embeddings) -> None:
+def _write_report(path, predictions, label_list, model_name, multi_label, from_files) -> None:
     from zsclip.cli._report import thumbnail_for, write_report
 
-    if from_embeddings:  # nothing was decoded: read thumbnails from the files if still there
+    if from_files:  # nothing was decoded here: read thumbnails from the files if still there
         for prediction in predictions:
             if prediction.error is None:
                 prediction.thumbnail = thumbnail_for(prediction.path)

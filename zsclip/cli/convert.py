@@ -17,14 +17,27 @@ def register(app: typer.Typer) -> None:
     )(convert)
 
 
+# What a model says about itself that a converted copy keeps (the rest is rewritten by the save).
+KEPT_METADATA = (
+    "templates",
+    "source_format",
+    "description",
+    "multi_label_threshold",
+    "caption_words",
+)
+
+
 def convert(
     source: Annotated[
         str,
         typer.Argument(
-            help="Checkpoint to read: a file or folder in any supported format, or a model name."
+            metavar="SRC",
+            help="Checkpoint to read: a file or folder in any supported format, or a model name.",
         ),
     ],
-    destination: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    destination: Annotated[
+        Path, typer.Argument(metavar="DST", help="The .safetensors file to write.")
+    ],
     vocab: VocabOpt = None,
     offline: OfflineOpt = False,
 ) -> None:
@@ -40,11 +53,7 @@ def convert(
         raise UserError(f"{destination}: the destination must end in .safetensors")
     check_output(destination, "DST")  # before the (slow) load
     loaded = load_model(source, vocab=vocab, offline=offline)
-    keep = {
-        k: v
-        for k, v in loaded.metadata.items()
-        if k in ("templates", "source_format", "description")
-    }
+    keep = {k: v for k, v in loaded.metadata.items() if k in KEPT_METADATA}
     with writing(str(destination)):
         save_checkpoint(
             destination,

@@ -16,7 +16,6 @@ from zsclip.cli._options import (
     PrecisionOpt,
     QuietOpt,
     VocabOpt,
-    WorkersOpt,
 )
 
 EPILOG = """\b
@@ -72,7 +71,15 @@ def eval_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 256,
-    workers: WorkersOpt = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Image-decoding processes beside this one (0: decode in this process).",
+        ),
+    ] = 0,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
 ) -> None:
@@ -100,9 +107,7 @@ def eval_command(
         task: Any = evaluate.ZeroShotSet.from_folder(folder, labels, None)
         total = len(task.items)
     else:
-        from zsclip.train import data
-
-        task = data.load_pairs(pairs)
+        task = _load_pairs(pairs)
         total = len(task)
     from zsclip.cli._runtime import load_for_inference
 
@@ -120,9 +125,24 @@ def eval_command(
         torch_device,
         autocast=lambda: autocast(torch_device, dtype),
         batch_size=batch_size,
-        workers=workers or 0,
+        workers=workers,
     )
     _render(_measure(task, run, total, quiet), fmt)
+
+
+def _load_pairs(pairs: Path) -> list:
+    """The pairs of --pairs, every image decoded once; problems listed by line, then one error."""
+    from zsclip.cli._output import error_line
+    from zsclip.train import data
+
+    try:
+        return data.load_pairs(pairs, option="--pairs", hint="fix or remove those rows")
+    except data.DataError as err:
+        for problem in err.problems[: data.SHOWN_PROBLEMS]:
+            error_line(problem)
+        if len(err.problems) > data.SHOWN_PROBLEMS:
+            error_line(f"... and {len(err.problems) - data.SHOWN_PROBLEMS} more")
+        raise
 
 
 def _measure(task: Any, run: Any, total: int, quiet: bool) -> dict:

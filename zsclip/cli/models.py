@@ -18,6 +18,20 @@ from zsclip.cli._options import OfflineOpt, QuietOpt
 from zsclip.errors import UserError
 
 FORMATS = ("table", "json")
+# What each downloadable name is, in a few words (`zsclip models`, ABOUT). Built-in models describe
+# themselves (their `description` metadata).
+DESCRIPTIONS = {
+    "RN50": "real CLIP: ResNet-50",
+    "RN101": "real CLIP: ResNet-101",
+    "RN50x4": "real CLIP: ResNet-50, 4x compute, 288 px",
+    "RN50x16": "real CLIP: ResNet-50, 16x compute, 384 px",
+    "RN50x64": "real CLIP: ResNet-50, 64x compute, 448 px",
+    "ViT-B/32": "real CLIP: the usual start on a CPU",
+    "ViT-B/16": "real CLIP: ViT-B, finer patches, slower",
+    "ViT-L/14": "real CLIP: ViT-L, for a GPU",
+    "ViT-L/14@336px": "real CLIP: the most accurate, for a GPU",
+    "vocab": "the standard BPE vocabulary, not a model",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +47,13 @@ def install_download_progress() -> None:
 
 def models_command(
     format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    presets: Annotated[
+        bool,
+        typer.Option(
+            "--presets",
+            help="List the architectures `zsclip train --model NAME` builds from scratch instead.",
+        ),
+    ] = False,
 ) -> None:
     """List the built-in model(s) and every downloadable name, with size, whether cached, and where.
 
@@ -42,7 +63,13 @@ def models_command(
 
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    rows = hub.catalog()
+    if presets:
+        rows = preset_rows()
+        text = json.dumps(rows, indent=2) + "\n" if format == "json" else render_presets(rows)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    rows = [{**row, "description": describe(row)} for row in hub.catalog()]
     if format == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
@@ -160,15 +187,42 @@ def human_size(size: Optional[int]) -> str:
     return f"{size:.2f} GiB"
 
 
+def describe(row: dict) -> str:
+    """A model in a few words: a built-in model's own `description`, else the table's."""
+    if row["kind"] == "builtin":
+        from zsclip.escapes import for_display
+
+        return for_display(str(_header_metadata(row["path"]).get("description", "built-in model")))
+    if row["kind"] == "hf":
+        return "Hugging Face CLIP"
+    return DESCRIPTIONS.get(row["name"], "")
+
+
+def _header_metadata(path: str) -> dict:
+    """A .safetensors file's header metadata, read without torch; {} when it cannot be read."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 1 << 20:  # the built-in header is a few KiB: do not read what a file claims
+                return {}
+            metadata = json.loads(handle.read(length)).get("__metadata__")
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def render_table(rows: list[dict]) -> str:
-    """Plain aligned columns (no markup): NAME KIND SIZE CACHED PATH."""
-    header = ("NAME", "KIND", "SIZE", "CACHED", "PATH")
+    """Plain aligned columns (no markup): NAME KIND SIZE CACHED ABOUT PATH."""
+    header = ("NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH")
     lines = [header] + [
         (
             row["name"],
             row["kind"],
             human_size(row["size"]),
             "yes" if row["cached"] else "no",
+            row.get("description", ""),
             row["path"],
         )
         for row in rows
@@ -179,5 +233,52 @@ def render_table(rows: list[dict]) -> str:
         + "  "
         + line[-1]
         + "\n"
+        for line in lines
+    )
+
+
+def preset_rows() -> list[dict]:
+    """One row per training preset: its shape, and its parameter count with the text vocabulary its
+    configuration names (`train --vocab-size N` or the standard vocabulary change the text embedding)."""
+    import torch
+
+    from zsclip.core.model import CLIP
+    from zsclip.core.presets import PRESETS
+
+    rows = []
+    for name, config in PRESETS.items():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            parameters = sum(p.numel() for p in CLIP(config).parameters())
+        vision = config.vision
+        rows.append(
+            {
+                "name": name,
+                "vision": vision.kind,
+                "image_size": vision.image_size,
+                "embed_dim": config.embed_dim,
+                "vocab_size": config.text.vocab_size,
+                "parameters": parameters,
+            }
+        )
+    return rows
+
+
+def render_presets(rows: list[dict]) -> str:
+    """Plain aligned columns: NAME VISION IMAGE EMBED VOCAB PARAMS."""
+    header = ("NAME", "VISION", "IMAGE", "EMBED", "VOCAB", "PARAMS")
+    lines = [header] + [
+        (
+            row["name"],
+            row["vision"],
+            f"{row['image_size']} px",
+            str(row["embed_dim"]),
+            str(row["vocab_size"]),
+            f"{row['parameters'] / 1e6:.1f} M",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n"
         for line in lines
     )

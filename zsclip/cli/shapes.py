@@ -12,7 +12,11 @@ from zsclip.cli._options import QuietOpt
 
 def shapes_command(
     out: Annotated[
-        Path, typer.Argument(help="Folder to write (created; existing files are overwritten).")
+        Path,
+        typer.Argument(
+            help="Folder to create. A previous shapes set there is replaced whole; any other "
+            "non-empty folder is refused."
+        ),
     ],
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Training images.")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes.")] = 0,
@@ -37,8 +41,10 @@ def shapes_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from zsclip.cli._output import note, stderr_console
+    from zsclip.cli._output import note, stderr_console, stderr_is_terminal
     from zsclip.train import shapes
+
+    shapes.check_output(out)  # before the first image is drawn
 
     with Progress(
         "[progress.description]{task.description}",
@@ -46,7 +52,7 @@ def shapes_command(
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=stderr_console(),
-        disable=quiet,
+        disable=quiet or not stderr_is_terminal(),
         transient=True,
     ) as bar:
         task = bar.add_task("drawing", total=None)

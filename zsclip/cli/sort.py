@@ -193,12 +193,16 @@ class _Run:
 
     def _predictions(self, pending, label_list):
         """Classify the pending images (the model is loaded only when there are some)."""
+        from zsclip.cli._classifying import warn_about_labels
         from zsclip.cli._output import warn
         from zsclip.cli._runtime import cache_summary, load_for_inference
         from zsclip.jobs import classify as job
         from zsclip.jobs.pipeline import DecodeOptions, default_workers
 
-        loaded, torch_device, dtype = load_for_inference(**self.load, quiet=self.quiet)
+        loaded, torch_device, dtype = load_for_inference(
+            **self.load, quiet=self.quiet, announce=False
+        )
+        warn_about_labels(loaded, label_list, self.choices.multi_label, self.quiet)
         workers = self.pipeline["workers"]
         request = job.ClassifyRequest(
             labels=label_list,

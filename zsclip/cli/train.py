@@ -9,31 +9,66 @@ import typer
 
 from zsclip.cli._options import BatchSizeOpt, DeviceOpt, PrecisionOpt, QuietOpt
 
+# The registry's names (zsclip.core.presets.PRESETS), written out so that `--help` imports no torch;
+# tests/test_train_loop.py checks that the two agree.
+PRESET_NAMES = (
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+    "ViT-B/32",
+    "ViT-B/16",
+    "ViT-L/14",
+    "ViT-L/14@336px",
+    "tiny",
+    "tiny-resnet",
+    "small",
+    "small-resnet",
+)
+
 
 def train_command(
-    data: Annotated[
+    ctx: typer.Context,
+    output: Annotated[
         Path,
+        typer.Option(
+            "--output", "-o", metavar="DIR", help="Run folder: model, state, log, report."
+        ),
+    ],
+    data: Annotated[
+        Optional[Path],
         typer.Option(
             "--data",
             help="Pairs file: image<TAB>caption lines (.tsv), .csv or .jsonl; "
-            "or tar shards, e.g. 'shards/{00000..00099}.tar' (pip install 'zsclip[shards]').",
+            "or tar shards, e.g. 'shards/{00000..00099}.tar' (pip install 'zsclip[shards]'). "
+            "Required, except with --resume (the run's own is used).",
+            show_default=False,
         ),
-    ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Run folder: model, state, log, report.")
-    ],
+    ] = None,
     val: Annotated[
         Optional[Path], typer.Option("--val", help="Pairs file for retrieval recall@1/5/10.")
     ] = None,
     model: Annotated[
         str,
-        typer.Option("--model", "-m", help="Preset name (from scratch) or checkpoint (fine-tune)."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Preset (train from scratch): " + ", ".join(PRESET_NAMES) + "; or a checkpoint "
+            "file or a name from `zsclip models` (fine-tune).",
+        ),
     ] = "small",
     epochs: Annotated[
         Optional[int], typer.Option("--epochs", min=1, help="Passes over the data (default 1).")
     ] = None,
     steps: Annotated[
-        Optional[int], typer.Option("--steps", min=1, help="Optimizer steps (instead of --epochs).")
+        Optional[int],
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Optimizer steps (instead of --epochs). With --resume: a new end, the rest of "
+            "the run following the schedule of a run that long.",
+        ),
     ] = None,
     batch_size: BatchSizeOpt = 256,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-4,
@@ -111,8 +146,9 @@ def train_command(
 ) -> None:
     """Train a CLIP on image-caption pairs (symmetric contrastive loss, AdamW, warmup + cosine).
 
-    Writes model.safetensors (always loadable), state.pt, log.jsonl and report.html into --output.
-    Ctrl-C saves and stops; --resume continues to the same final step.
+    Writes model.safetensors (always loadable), state.safetensors, log.jsonl and report.html into
+    --output. Ctrl-C saves and stops; --resume continues to the same final step (or to a new
+    --steps / --epochs), with the run's saved settings.
 
     Example: zsclip train --data shapes/train.tsv --output runs/shapes --model small-resnet
     --vocab-size 1024 --epochs 4 --lr 1e-3
@@ -124,7 +160,7 @@ def train_command(
     from zsclip.train.loop import TrainConfig
 
     config = TrainConfig(
-        data=str(data),
+        data=str(data) if data is not None else None,
         output=str(output),
         model=model,
         val=str(val) if val else None,
@@ -147,9 +183,19 @@ def train_command(
         accum_steps=accum_steps,
         grad_checkpointing=grad_checkpointing,
     )
-    code = run_training(config, resume=resume, quiet=quiet)
+    code = run_training(config, resume=resume, quiet=quiet, given=given_options(ctx))
     if code:
         raise typer.Exit(code)
+
+
+def given_options(ctx: typer.Context) -> frozenset[str]:
+    """The options set on the command line (or by environment), not left at their defaults: with
+    --resume these are compared with the saved configuration."""
+    # by name: Typer 0.29 vendors its own click, older releases use click's ParameterSource
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return frozenset(
+        name for name, source in sources.items() if source is not None and source.name != "DEFAULT"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -10,23 +10,29 @@ Loading our own files never guesses. Foreign formats go through zsclip.core.fore
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
+from zsclip.config import ModelChoice, default_model
+from zsclip.core.config_check import check_shapes, config_from_dict
 from zsclip.core.foreign import (
     ForeignCheckpoint,
     looks_like_huggingface,
     read_huggingface_folder,
     read_openai_or_openclip,
-    read_torch_file,
 )
 from zsclip.core.model import CLIP
 from zsclip.core.presets import CLIPConfig, canonical_preset_name
+from zsclip.core.safetensors_io import load_tensors, read_metadata, read_shapes
 from zsclip.core.tokenizer import Tokenizer
+from zsclip.core.torch_files import FORMATS, read_torch_file, sniff
 from zsclip.core.transform import PreprocessConfig
 from zsclip.core.vocab import tokenizer_for_checkpoint
 from zsclip.errors import UserError
@@ -100,117 +106,167 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _instantiate(config: CLIPConfig, state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
-    """Build without initialising and adopt the checkpoint's tensors without copying them (safetensors
-    files are memory-mapped: weights are read from the page cache as they are first used, and never
-    duplicated)."""
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtypes(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    for key, tensor in state_dict.items():
+        wanted = (torch.int64,) if key.endswith("num_batches_tracked") else _WEIGHT_DTYPES
+        if tensor.dtype not in wanted:
+            raise UserError(f"{where}: {key} has dtype {tensor.dtype}; weights are floating point")
+
+
+def _instantiate(config: CLIPConfig, state_dict: dict[str, torch.Tensor]) -> CLIP:
+    """Build without initialising and adopt the checkpoint's tensors without copying them
+    (safetensors files are memory-mapped: weights are read from the page cache as they are first
+    used, and never duplicated). `_read` has checked the tensors against the config."""
     with _SkipInit():
         model = CLIP(config)
-    expected = model.state_dict()
-    for key in expected:  # BatchNorm counters are absent from some exports and carry no information
+    for key in model.state_dict():  # BatchNorm counters are absent from some exports
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = torch.zeros((), dtype=torch.long)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        detail = (f"missing {missing[:3]}" if missing else "") + (
-            f" unexpected {unexpected[:3]}" if unexpected else ""
-        )
-        raise UserError(
-            f"the {source} checkpoint does not match the architecture read from it:{detail}"
-        )
-    for key, tensor in state_dict.items():
-        if tensor.shape != expected[key].shape:
-            raise UserError(
-                f"the {source} checkpoint has {key} of shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[key].shape)}"
-            )
     model.load_state_dict(state_dict, assign=True)
     return model.eval()
 
 
-def _read_zsclip(
-    path: Path, metadata: dict[str, str]
-) -> tuple[CLIP, PreprocessConfig, dict[str, str]]:
-    from safetensors.torch import load_file
+def _json_field(metadata: dict[str, str], key: str, where: str) -> Any:
+    if key not in metadata:
+        raise UserError(f"{where}: the zsclip header lacks its {key!r} entry")
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than Python goes
+        raise UserError(f"{where}: the header's {key!r} entry is not valid JSON ({err})") from None
 
+
+def _preprocess(data: Any, where: str, config: CLIPConfig) -> PreprocessConfig:
+    """The preprocessing a checkpoint states, checked: known fields, sane values, the model size."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the preprocess entry must be a JSON object")
+    try:
+        preprocess = PreprocessConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: bad preprocess field ({str(err)[:120]})") from None
+    if not all(math.isfinite(v) for v in preprocess.mean + preprocess.std):
+        raise UserError(f"{where}: preprocess fields mean and std must be finite numbers")
+    if preprocess.image_size != config.vision.image_size:
+        raise UserError(
+            f"{where}: preprocess field image_size ({preprocess.image_size}) differs from the "
+            f"model's vision.image_size ({config.vision.image_size})"
+        )
+    return preprocess
+
+
+@dataclass
+class _Read:
+    """A checkpoint read, its tensors checked against its config (names, shapes, dtypes), its
+    preprocessing checked against the model; not yet built."""
+
+    config: CLIPConfig
+    state_dict: dict[str, torch.Tensor]
+    preprocess: PreprocessConfig
+    metadata: dict[str, str]
+
+
+def _fit_tokenizer(tokenizer: Tokenizer, config: CLIPConfig, where: str) -> None:
+    """The tokenizer must fit the model: no id beyond its embedding table. Texts longer than its
+    positional embedding are cut to it (a tokenizer saved with the default 77 may serve a model of
+    32 positions)."""
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise UserError(
+            f"{where}: the vocabulary has {tokenizer.vocab_size} tokens but the model only "
+            f"{config.text.vocab_size}; drop --vocab / unset ZSCLIP_VOCAB for this model, "
+            f"or pass the vocabulary it was trained with"
+        )
+    tokenizer.context_length = min(tokenizer.context_length, config.text.context_length)
+
+
+def _read_zsclip(path: Path, metadata: dict[str, str]) -> _Read:
+    """zsclip's own format: the header's config is checked against the header's shapes before a
+    single tensor is touched."""
     if metadata.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: zsclip checkpoint format {metadata.get('format_version')!r} is not supported "
             f"by this version (expects {FORMAT_VERSION}); upgrade zsclip"
         )
-    config = CLIPConfig.from_dict(json.loads(metadata["config"]))
-    preprocess = PreprocessConfig.from_dict(json.loads(metadata["preprocess"]))
-    model = _instantiate(config, load_file(path), "zsclip")
-    return model, preprocess, metadata
+    where = str(path)
+    config = config_from_dict(_json_field(metadata, "config", where), where)
+    preprocess = _preprocess(_json_field(metadata, "preprocess", where), where, config)
+    check_shapes(config, read_shapes(path), where)
+    state_dict = load_tensors(path)
+    _check_dtypes(state_dict, where)
+    return _Read(config, state_dict, preprocess, metadata)
 
 
-def _read_foreign(path: Path) -> ForeignCheckpoint:
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return read_huggingface_folder(path)
-        raise UserError(
-            f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights)"
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-        if looks_like_huggingface(list(tensors)) and (path.parent / "config.json").is_file():
-            return read_huggingface_folder(path.parent)
-        return read_openai_or_openclip(path, tensors)
-    obj = read_torch_file(path)
-    if (
-        isinstance(obj, dict)
-        and looks_like_huggingface(list(obj))
-        and (path.parent / "config.json").is_file()
-    ):
+def _read_foreign_file(path: Path, kind: str) -> ForeignCheckpoint:
+    tensors = load_tensors(path) if kind == "safetensors" else read_torch_file(path)
+    beside_hf = (path.parent / "config.json").is_file()
+    if isinstance(tensors, dict) and looks_like_huggingface(list(tensors)) and beside_hf:
         return read_huggingface_folder(path.parent)
-    return read_openai_or_openclip(path, obj)
+    return read_openai_or_openclip(path, tensors)
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for damaged headers
-        raise UserError(f"{path}: not a readable .safetensors file ({str(err)[:160]})") from err
+def _read(path: Path) -> _Read:
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights)"
+            )
+        foreign = read_huggingface_folder(path)
+    else:
+        if not path.is_file():
+            raise UserError(f"{path}: not a regular file or folder; {FORMATS}")
+        kind = "safetensors" if path.suffix == ".safetensors" else sniff(path)
+        metadata = read_metadata(path) if kind == "safetensors" else {}
+        if metadata.get("format") == FORMAT_NAME:
+            return _read_zsclip(path, metadata)
+        foreign = _read_foreign_file(path, kind)
+    where = f"{path} ({foreign.source} checkpoint)"
+    shapes = {k: tuple(v.shape) for k, v in foreign.state_dict.items()}
+    check_shapes(foreign.config, shapes, where, foreign.names)  # before the vocabulary is sought
+    _check_dtypes(foreign.state_dict, where)
+    preprocess = _preprocess(foreign.preprocess, where, foreign.config)
+    metadata = {"source_format": foreign.source}
+    return _Read(foreign.config, foreign.state_dict, preprocess, metadata)
 
 
 def load_path(path: Path, *, vocab: Path | None = None) -> LoadedModel:
-    """Load a checkpoint file or folder in any supported format (on CPU, in eval mode)."""
+    """Load a checkpoint file or folder in any supported format (on CPU, in eval mode). Everything
+    read is checked before the model is built; every failure is one UserError line."""
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    metadata = (
-        _safetensors_metadata(path) if path.suffix == ".safetensors" and path.is_file() else {}
-    )
-    if metadata.get("format") == FORMAT_NAME:
-        model, preprocess, metadata = _read_zsclip(path, metadata)
-    else:
-        foreign = _read_foreign(path)
-        model = _instantiate(foreign.config, foreign.state_dict, foreign.source)
-        preprocess = PreprocessConfig.from_dict(foreign.preprocess)
-        metadata = {"source_format": foreign.source}
+    read = _read(path)
     # --vocab (or $ZSCLIP_VOCAB, set by load_model), then the checkpoint's own merges, then files
     # beside it (a Hugging Face folder's vocab.json + merges.txt among them), then the cache folder.
-    tokenizer = tokenizer_for_checkpoint(metadata, vocab, path if path.is_dir() else path.parent)
-    if tokenizer.vocab_size > model.config.text.vocab_size:
-        raise UserError(
-            f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.text.vocab_size}; drop --vocab / unset ZSCLIP_VOCAB for this model, "
-            f"or pass the vocabulary it was trained with"
-        )
+    tokenizer = tokenizer_for_checkpoint(
+        read.metadata, vocab, path if path.is_dir() else path.parent
+    )
+    _fit_tokenizer(tokenizer, read.config, str(path))
+    model = _instantiate(read.config, read.state_dict)
     builtin = path.resolve().parent == weights_dir().resolve()
-    return LoadedModel(model, preprocess, tokenizer, path.stem, path, dict(metadata), builtin)
+    return LoadedModel(
+        model, read.preprocess, tokenizer, path.stem, path, dict(read.metadata), builtin
+    )
+
+
+@contextlib.contextmanager
+def _blamed(choice: ModelChoice | None) -> Iterator[None]:
+    """A UserError raised inside names the variable or settings file that chose the model."""
+    try:
+        yield
+    except UserError as err:
+        if choice is not None:
+            err.args = (choice.blame(str(err)), *err.args[1:])
+        raise
 
 
 def resolve_spec(spec: str | os.PathLike | None, *, offline: bool = False, progress=None) -> Path:
-    """Turn what the user typed into a path: a file or folder, a built-in name, or a downloadable name."""
+    """Turn what the user typed into a path: a file or folder, a built-in name, or a downloadable name.
+    None: $ZSCLIP_MODEL, else the settings file's model (zsclip.config), else the built-in model."""
     if spec is None or str(spec) == "":
-        spec = os.environ.get("ZSCLIP_MODEL") or None
-    if spec is None:
+        choice = default_model()
+        if choice is not None:
+            with _blamed(choice):
+                return resolve_spec(choice.spec, offline=offline, progress=progress)
         builtins = builtin_models()
         if not builtins:
             raise UserError(
@@ -248,15 +304,17 @@ def load_model(
     offline: bool = False,
     progress=None,
 ) -> LoadedModel:
-    """Load a model by name or path (None: $ZSCLIP_MODEL, else the built-in model), in eval mode on
-    `device`."""
-    path = resolve_spec(spec, offline=offline, progress=progress)
+    """Load a model by name or path (None: $ZSCLIP_MODEL, else the settings file's model, else the
+    built-in model), in eval mode on `device`."""
+    choice = default_model() if spec is None or str(spec) == "" else None
     if vocab is None and os.environ.get("ZSCLIP_VOCAB"):
         vocab = os.environ[
             "ZSCLIP_VOCAB"
         ]  # the issue's order: --vocab and $ZSCLIP_VOCAB come first
-    loaded = load_path(path, vocab=Path(vocab) if vocab is not None else None)
-    if spec is not None:
-        loaded.name = str(spec)
+    with _blamed(choice):  # a bad default names where it came from
+        path = resolve_spec(choice.spec if choice else spec, offline=offline, progress=progress)
+        loaded = load_path(path, vocab=Path(vocab) if vocab is not None else None)
+    if choice is not None or str(spec or ""):
+        loaded.name = choice.spec if choice is not None else str(spec)
     loaded.model.to(device)
     return loaded

@@ -1,6 +1,7 @@
 """Writing .safetensors files without numpy (the safetensors package's writer imports it; zsclip does
-not depend on numpy at run time). Reading stays with the safetensors package, which needs no numpy
-to load.
+not depend on numpy at run time), and reading them through the safetensors package (which needs no
+numpy to load and checks every offset in the header against the file before anything is read), with
+each failure turned into one line.
 
 Format: 8-byte little-endian header length, a JSON header (tensor dtypes, shapes, byte offsets, and
 string metadata under "__metadata__"), padded with spaces to a multiple of 8, then the raw
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zsclip.atomic import atomic_write
+from zsclip.errors import UserError
 
 _DTYPES = {
     torch.float32: "F32",
@@ -71,3 +73,43 @@ def write_safetensors(
         handle.write(text)
         for tensor in prepared.values():
             handle.write(_raw_bytes(tensor))
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _unreadable(path: Path | str, err: BaseException) -> UserError:
+    detail = " ".join(str(err).split())[:160] or type(err).__name__
+    return UserError(f"{path}: not a readable .safetensors file ({detail})")
+
+
+def read_metadata(path: Path | str) -> dict[str, str]:
+    """The header's string metadata (empty when it has none); no tensor is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for damaged headers
+        raise _unreadable(path, err) from None
+
+
+def read_shapes(path: Path | str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - as above
+        raise _unreadable(path, err) from None
+
+
+def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """All tensors, memory-mapped by the safetensors package."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - as above
+        raise _unreadable(path, err) from None

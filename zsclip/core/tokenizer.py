@@ -27,6 +27,7 @@ import hashlib
 import html
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -166,6 +167,41 @@ def _parse_merges(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
     return merges  # type: ignore[return-value]
 
 
+# The first STANDARD_MERGES lines of the standard file are ~0.5 MB; a file that has not given that many
+# lines after this much inflated data is not a merges file (a gzip bomb would inflate without end).
+_MAX_MERGES_BYTES = 16 * 1024 * 1024
+# Context lengths a checkpoint may ask for: room for start and end, and no absurd padding buffers.
+MAX_CONTEXT_LENGTH = 65536
+
+
+def _read_merges_gz(path: str | Path) -> bytes:
+    """Inflate only as far as needed: the file holds 262k lines, OpenAI uses the first 48,895."""
+    chunks, lines, size = [], 0, 0
+    with gzip.open(path, "rb") as f:
+        while lines <= STANDARD_MERGES and (chunk := f.read(1 << 18)):
+            chunks.append(chunk)
+            lines += chunk.count(b"\n")
+            size += len(chunk)
+            if size > _MAX_MERGES_BYTES and lines <= STANDARD_MERGES:
+                raise OSError(f"{size >> 20} MiB inflated without {STANDARD_MERGES} merge lines")
+    return b"".join(chunks)
+
+
+def _parse_encoder(text: object, source: str) -> dict[str, int]:
+    """A vocabulary's token -> id mapping from JSON text, checked: string keys, non-negative ids."""
+    try:
+        encoder = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, deep nesting
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise UserError(f"{source} is not valid JSON: {reason}") from None
+    valid = isinstance(encoder, dict) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in encoder.values()
+    )
+    if not valid:
+        raise UserError(f"{source} is not a token -> id mapping (non-negative integer ids)")
+    return encoder
+
+
 def _check_vocab(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
     """A vocabulary read from files must hold every byte symbol, every merged symbol and both special
     tokens."""
@@ -175,6 +211,33 @@ def _check_vocab(encoder: dict[str, int], merges: list[tuple[str, str]]) -> None
         raise UserError(
             f"the vocabulary lacks {len(missing)} token(s) its merges need, e.g. {missing[0]!r}"
         )
+
+
+def _stored_context_length(meta: dict[str, str]) -> int:
+    text = meta.get("tokenizer.context_length", str(CONTEXT_LENGTH))
+    value = int(text) if re.fullmatch(r"[0-9]{1,9}", str(text).strip()) else 0
+    # at least room for the start and end tokens; at most what anything is ever sized by
+    if not 2 <= value <= MAX_CONTEXT_LENGTH:
+        raise UserError(
+            f"checkpoint field tokenizer.context_length must be an integer of at least 2 and at "
+            f"most {MAX_CONTEXT_LENGTH}, not {str(text)[:20]!r}"
+        )
+    return value
+
+
+def _stored_vocab(text: str) -> dict[str, int]:
+    """A vocabulary stored in checkpoint metadata: a JSON object of symbols to non-negative ids."""
+    try:
+        encoder = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python goes
+        encoder = None
+    if not isinstance(encoder, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in encoder.values()
+    ):
+        raise UserError(
+            "checkpoint field tokenizer.vocab must be a JSON object of symbols to token ids"
+        )
+    return encoder
 
 
 class Tokenizer:
@@ -243,19 +306,15 @@ class Tokenizer:
         """OpenAI's `bpe_simple_vocab_16e6.txt.gz`: a version header, then merges; the first 48,894 are
         used."""
         try:
-            with gzip.open(path, "rb") as f:
-                # Decompress only as far as needed: the file holds 262k lines, OpenAI uses the first
-                # 48,895.
-                data = b""
-                while data.count(b"\n") <= STANDARD_MERGES and (chunk := f.read(1 << 18)):
-                    data += chunk
+            data = _read_merges_gz(path)
             lines = data.decode("utf-8").split("\n")[
                 1 : STANDARD_MERGES + 1
             ]  # drop the version header
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+            reason = " ".join(str(exc).split())[:200]
             raise UserError(
-                f"cannot read BPE merges from {path}: {exc}; expected {OPENAI_FILE}"
-            ) from exc
+                f"cannot read BPE merges from {path}: {reason}; expected {OPENAI_FILE}"
+            ) from None
         return cls.from_merges(_parse_merges(lines, str(path)), context_length)
 
     @classmethod
@@ -265,14 +324,14 @@ class Tokenizer:
         """Hugging Face `vocab.json` (ids used as given) and `merges.txt` (a '#version' header, then
         merges)."""
         try:
-            encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+            vocab_text = Path(vocab_json).read_text(encoding="utf-8")
             merges = _parse_merges(
                 Path(merges_txt).read_text(encoding="utf-8").splitlines(), str(merges_txt)
             )
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {vocab_json} + {merges_txt}: {exc}") from exc
-        if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-            raise UserError(f"{vocab_json} is not a token -> id mapping")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise UserError(f"cannot read {vocab_json} + {merges_txt}: {reason}") from None
+        encoder = _parse_encoder(vocab_text, str(vocab_json))
         _check_vocab(encoder, merges)
         return cls(encoder, merges, context_length)
 
@@ -318,16 +377,18 @@ class Tokenizer:
         kind = meta.get("tokenizer")
         if kind is None:
             return None
-        context_length = int(meta.get("tokenizer.context_length", CONTEXT_LENGTH))
+        context_length = _stored_context_length(meta)
         if kind == STANDARD_NAME:
             raise NeedsStandardVocab(kind, context_length)
         if kind != "bpe":
             raise UserError(
                 f"the checkpoint uses tokenizer {kind!r}, which this zsclip does not know; upgrade zsclip"
             )
-        merges = _parse_merges(meta.get("tokenizer.merges", "").split("\n"), "checkpoint metadata")
+        merges = _parse_merges(
+            str(meta.get("tokenizer.merges", "")).split("\n"), "checkpoint metadata"
+        )
         if "tokenizer.vocab" in meta:
-            encoder = json.loads(meta["tokenizer.vocab"])
+            encoder = _stored_vocab(meta["tokenizer.vocab"])
             _check_vocab(encoder, merges)
             return cls(encoder, merges, context_length)
         return cls.from_merges(merges, context_length)

@@ -23,9 +23,12 @@ dropping alpha (whatever colour hides under transparent pixels shows), where we 
 What this module adds that neither reference does (see `load_image`): EXIF orientation, every PIL
 mode to RGB with transparency composited on `PreprocessConfig.background` (white by default, as
 transformers does), 16-bit images scaled rather than clipped, refusal of truncated files and
-decompression bombs, and JPEG draft decoding (the decoder's DCT scaling) so a 12-megapixel photo is
-decoded at 1/2, 1/4 or 1/8 size when that still leaves the shortest side >= S. Pass
-`draft_size=None` for the exact path.
+decompression bombs, and draft decoding: a JPEG is decoded at 1/2, 1/4 or 1/8 size (the decoder's DCT
+scaling) and any image still twice the target is box-averaged by a whole factor, as long as the
+shortest side stays >= the draft size. Pass `draft_size=None` for the exact path. Memory: the
+conversion to RGB runs a band of rows at a time, so decoding costs the decoded pixels plus the RGB
+result (tiny on the draft path), never a chain of full-size copies; `decode_cost` estimates that
+peak from the header, for callers that share a memory budget between decoding threads.
 
 One more departure, for safety only: when the resized intermediate image would exceed
 `_MAX_RESIZE_PIXELS` (aspect ratios beyond about 600:1 at S=224, e.g. a 100000x1 image), only the
@@ -38,18 +41,18 @@ about a quarter of the resizing of a 4:3 photo (on photos, 1 level in ~1e-4 of t
 
 from __future__ import annotations
 
-import errno
+import io
 import json
 import os
 import re
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from PIL import Image, JpegImagePlugin
 
+from zsclip.core.imagefile import check_file as _check_file
 from zsclip.errors import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,6 +68,12 @@ DEFAULT_MAX_PIXELS = 120_000_000
 # Above this many pixels in the resized-but-uncropped image, resample only the crop (see module
 # docstring).
 _MAX_RESIZE_PIXELS = 32 * 1024 * 1024
+
+# Images are converted to RGB a band of rows at a time, each band's RGBA copy about this many bytes,
+# so the conversion's temporaries stay small whatever the image size; a band makes about this many
+# such temporaries at once (crop, RGBA, background, composite, RGB).
+_BAND_BYTES = 4 * 1024 * 1024
+_BAND_TEMPORARIES = 5
 
 _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -187,17 +196,23 @@ def load_image(
     draft_size: int | None = None,
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reserve: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """Decode an image file fully into an upright RGB PIL image (the first frame of an animation).
 
-    draft_size: for JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 (DCT scaling) as far as it
-    can while both sides stay >= draft_size, so the shortest side is never below the resize target,
-    whatever the EXIF rotation. None decodes at full size (the exact path). Other formats ignore it.
-    Measured on a synthetic photo (shapes, lines, noise) with S=224, cosine of the final tensors to
-    the exact path: 4000x3000 -> 1/8 (500x375) 0.99973; 1600x1200 -> 1/4 0.99956; 640x480 -> 1/2
-    (320x240) 0.99675. draft_size=2*S keeps more detail (4000x3000 -> 1/4, 0.99997; 640x480 stays
-    exact) for less speed. background: colour that transparent pixels are composited on. max_pixels:
-    refuse images whose header declares more pixels than this, before decoding anything.
+    draft_size: shrink while decoding as far as both sides stay >= draft_size, so the shortest side
+    is never below the resize target, whatever the EXIF rotation. JPEGs let the decoder scale down
+    by 1/2, 1/4 or 1/8 (DCT scaling); then any image (PNG, or a JPEG still twice the size) is
+    box-averaged by the largest whole factor that keeps both sides >= draft_size, band by band as it
+    is converted to RGB, so no full-size RGB copy is ever made. None decodes at full size (the
+    exact path). Measured on a synthetic photo (shapes, lines, noise) with S=224, cosine of the
+    final tensors to the exact path: 4000x3000 -> 1/8 (500x375) 0.99973; 1600x1200 -> 1/4 0.99956;
+    640x480 -> 1/2 (320x240) 0.99675. draft_size=2*S keeps more detail (4000x3000 -> 1/4, 0.99997;
+    640x480 stays exact) for less speed. background: colour that transparent pixels are composited
+    on. max_pixels: refuse images whose header declares more pixels than this, before decoding
+    anything. reserve: called once with `decode_cost(...)`, the estimated peak bytes of decoding
+    this image (and of `to_pixels` on the result), after the header is read and before any pixel is
+    decoded; it may block (a memory budget shared by decoding threads).
 
     Raises InputError with a one-line reason for anything that is not a readable, complete image.
     """
@@ -205,38 +220,34 @@ def load_image(
     _check_file(path)
     try:
         with open(path, "rb") as fp:
-            return _decode(fp, draft_size, background, max_pixels)
+            return _decode(fp, draft_size, background, max_pixels, reserve)
     except PermissionError:
         raise InputError("permission denied") from None
     except IsADirectoryError:
         raise InputError("is a directory, not an image file") from None
 
 
-def _check_file(path: Path) -> None:
-    """Refuse what is not a non-empty regular file, with a reason a person understands."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        reason = (
-            "dangling symlink (its target does not exist)" if path.is_symlink() else "no such file"
-        )
-        raise InputError(reason) from None
-    except PermissionError:
-        raise InputError("permission denied") from None
-    except OSError as exc:  # ELOOP, ENAMETOOLONG, EIO, ...
-        if exc.errno == errno.ELOOP:
-            raise InputError("symlink loop (the links point back at each other)") from None
-        raise InputError(f"cannot access file: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError("is a directory, not an image file")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError("not a regular file (device, socket or pipe)")
-    if info.st_size == 0:
+def load_image_bytes(
+    data: bytes,
+    *,
+    draft_size: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reserve: Callable[[int], None] | None = None,
+) -> Image.Image:
+    """`load_image` for an image already in memory (an upload): the same decoding, checks and
+    one-line reasons."""
+    if not data:
         raise InputError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), draft_size, background, max_pixels, reserve)
 
 
 def _decode(
-    fp: Any, draft_size: int | None, background: tuple[int, int, int], max_pixels: int
+    fp: Any,
+    draft_size: int | None,
+    background: tuple[int, int, int],
+    max_pixels: int,
+    reserve: Callable[[int], None] | None,
 ) -> Image.Image:
     try:
         image = Image.open(fp, formats=_safe_formats())
@@ -255,13 +266,45 @@ def _decode(
             # >= d and ceil(H/s) >= d: both sides stay >= d. A square request keeps that true after
             # EXIF rotation.
             image.draft("RGB", (draft_size, draft_size))
+        if reserve is not None:
+            reserve(decode_cost(image.size, image.mode, draft_size))
         _load_pixels(image, max_pixels)
         orientation = _orientation(image)
-        rgb = to_rgb(image, background)  # always a new image, independent of the file
+        # always a new image, independent of the file
+        rgb = _convert(image, background, reduce_factor(image.size, draft_size))
     finally:
-        image.close()  # frees the decoded full-size pixels now, not at garbage collection
+        image.close()  # frees the decoded full-size pixels now, before the transpose copies rgb
     method = _UPRIGHT.get(orientation)
     return rgb.transpose(method) if method is not None else rgb
+
+
+def reduce_factor(size: tuple[int, int], draft_size: int | None) -> int:
+    """The whole factor a decoded image of `size` is box-averaged by: the largest that keeps both
+    sides >= draft_size (1 when draft_size is None or the image is small)."""
+    if draft_size is None or draft_size < 1:
+        return 1
+    return max(1, min(size) // draft_size)
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    # PIL keeps 1-byte modes ("1", "L", "P") and 16-bit ones as such; everything else (RGB included)
+    # in 4-byte pixels.
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_cost(size: tuple[int, int], mode: str, draft_size: int | None = None) -> int:
+    """Estimated peak bytes of `load_image` (and `to_pixels` on its result) for an image whose header
+    says `size` (after any JPEG draft) and `mode`: the decoded pixels, the RGB result (reduced by
+    `reduce_factor` on the draft path), an EXIF transpose of it, and the band temporaries."""
+    width, height = size
+    factor = reduce_factor(size, draft_size)
+    decoded = width * height * _bytes_per_pixel(mode)
+    rgb = -(-width // factor) * -(-height // factor) * 4
+    # the decoded image is closed before the transpose: the peak is the larger of the two stages
+    band = min(_band_bytes(width), width * height * 4)
+    return max(decoded + rgb, 2 * rgb) + _BAND_TEMPORARIES * band
 
 
 def _load_pixels(image: Image.Image, max_pixels: int) -> None:
@@ -313,35 +356,71 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     """Any PIL mode -> a new RGB image. Transparency (alpha band or palette/tRNS transparency) is
     composited on `background`; 16-bit and 32-bit integer and float images are scaled to 0..255
     rather than clipped."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = _high_depth_to_l(image)
+    return _convert(image, background, 1)
+
+
+def _band_bytes(width: int) -> int:
+    # one band's RGBA crop: the size the band height is chosen for, or one row when rows are wider
+    return max(_BAND_BYTES, 4 * width)
+
+
+def _convert(image: Image.Image, background: tuple[int, int, int], factor: int) -> Image.Image:
+    """`to_rgb`, then a `factor` x `factor` box average (Image.reduce), done a band of rows at a time.
+
+    Every step is per pixel (or per factor x factor block, and bands start on block edges), so the
+    result equals converting the whole image at once; but the temporaries (an RGBA copy, the
+    background, the composite, the 8-bit copy of a 16-bit image) are one band each instead of full
+    size, and on the draft path the full-size RGB image never exists.
+    """
+    width, height = image.size
+    depth = _depth_range(image)  # from the whole image: a band's own range would differ
+    rows = max(1, _band_bytes(width) // (4 * max(1, width)))
+    rows = max(factor, rows // factor * factor)
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        band = _band_to_rgb(image.crop((0, top, width, min(height, top + rows))), background, depth)
+        out.paste(band.reduce(factor) if factor > 1 else band, (0, top // factor))
+    return out
+
+
+def _band_to_rgb(
+    image: Image.Image, background: tuple[int, int, int], depth: tuple[float, float] | None
+) -> Image.Image:
+    """One band (a fresh crop, so it may be returned as is) -> RGB."""
+    if depth is not None:
+        image = _high_depth_to_l(image, *depth)
     has_alpha = (
         "A" in image.getbands() or "transparency" in image.info or image.mode in ("RGBa", "La")
     )
     try:
         if has_alpha:
-            rgba = image.convert("RGBA")  # applies palette / tRNS transparency as alpha
+            rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # palette/tRNS -> alpha
             under = Image.new("RGBA", image.size, (*background, 255))
             return Image.alpha_composite(under, rgba).convert("RGB")
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ValueError as exc:  # a mode PIL cannot convert (e.g. "La")
         raise InputError(f"unsupported colour mode {image.mode}: {_one_line(exc)}") from None
 
 
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    """16/32-bit integer or float single-band image -> "L", scaling the value range instead of clipping
-    it."""
+def _depth_range(image: Image.Image) -> tuple[float, float] | None:
+    """The value range a 16/32-bit integer or float single-band image is scaled from onto 0..255
+    (None for 8-bit modes)."""
     if image.mode.startswith("I;16"):
-        low, high = 0.0, 65535.0
-    else:
-        low, high = (float(v) for v in image.getextrema())
-        if image.mode == "F" and 0.0 <= low and high <= 1.0:
-            low, high = 0.0, 1.0  # float images in [0, 1]
-        elif 0.0 <= low and high <= 255.0:
-            low, high = 0.0, 255.0  # already 8-bit values
-        elif 0.0 <= low and high <= 65535.0:
-            low, high = 0.0, 65535.0  # 16-bit data held in a 32-bit mode (older PIL, TIFF)
-        # else: stretch the actual range (signed or unusual data)
+        return 0.0, 65535.0
+    if image.mode not in ("I", "F"):
+        return None
+    low, high = (float(v) for v in image.getextrema())
+    if image.mode == "F" and 0.0 <= low and high <= 1.0:
+        return 0.0, 1.0  # float images in [0, 1]
+    if 0.0 <= low and high <= 255.0:
+        return 0.0, 255.0  # already 8-bit values
+    if 0.0 <= low and high <= 65535.0:
+        return 0.0, 65535.0  # 16-bit data held in a 32-bit mode (older PIL, TIFF)
+    return low, high  # stretch the actual range (signed or unusual data)
+
+
+def _high_depth_to_l(image: Image.Image, low: float, high: float) -> Image.Image:
+    """16/32-bit integer or float single-band image -> "L", mapping low..high onto 0..255."""
     scale = 255.0 / (high - low) if high > low else 0.0
     source = image if image.mode in ("I", "F") else image.convert("I")
     # point() with a linear function maps in place in the "I"/"F" domain; +0.5 rounds on the way to
@@ -423,8 +502,8 @@ ImageInput = Union[Image.Image, str, os.PathLike]
 class Preprocess:
     """The callable `zsclip.load()` returns: a PIL image (any mode) or a path -> FloatTensor [3, S, S].
 
-    Paths go through `load_image` (EXIF orientation, checks, transparency); with `draft=True` JPEGs
-    are decoded at a reduced scale (faster, very close); the default is the exact path.
+    Paths go through `load_image` (EXIF orientation, checks, transparency); with `draft=True` large
+    images are decoded at a reduced scale (faster, very close); the default is the exact path.
     """
 
     def __init__(self, config: PreprocessConfig | None = None, *, draft: bool = False) -> None:

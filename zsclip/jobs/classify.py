@@ -23,7 +23,7 @@ Jobs never print: this module yields Prediction rows; the terminal layer renders
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from zsclip.jobs.inputs import InputItem
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from zsclip.core.model import CLIP
     from zsclip.jobs.cache import ImageCache
     from zsclip.jobs.embedding_files import EmbeddingTable
-    from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
+    from zsclip.jobs.pipeline import Decoded, DecodeOptions, ImageEncoder
 
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.25  # cosine; see the module docstring
@@ -91,6 +91,14 @@ class ClassifyOptions:
     others: tuple[str, ...] = ()  # background labels: scored, may win, reported as None
 
 
+def model_threshold(metadata: dict[str, str]) -> float:
+    """The multi-label threshold a checkpoint names (`multi_label_threshold`), else the default."""
+    try:
+        return float(metadata["multi_label_threshold"])
+    except (KeyError, ValueError):
+        return DEFAULT_THRESHOLD
+
+
 def logit_scale_of(model: "CLIP") -> float:
     """exp(logit_scale), capped at 100 as in training."""
     return float(model.logit_scale.detach().exp().clamp(max=100.0))
@@ -137,6 +145,58 @@ def judged(scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptio
     return {"top": top, "passing": passing if limited else None, "other": other}
 
 
+def prediction_for(
+    path: str, scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions
+) -> Prediction:
+    """[C + B] scores of one input (its labels, then the background labels) -> its Prediction
+    (see `judged`)."""
+    return Prediction(path, **judged(scores, labels, options))
+
+
+def predictions_for(
+    batch: "Sequence[Decoded]",
+    features: "torch.Tensor",
+    classifier: "torch.Tensor",
+    labels: Sequence[str],
+    scale: float,
+    options: ClassifyOptions,
+) -> Iterator[Prediction]:
+    """One Prediction per entry of a decoded batch, in order: unreadable entries carry their error,
+    the others are scored from `features` [n, D] (one row per readable entry) x `classifier`
+    [D, C + B] (the labels, then the background labels)."""
+    scores = score_features(features, classifier, scale, options)  # [n, C + B]
+    row = 0
+    for entry in batch:
+        if entry.error is not None:
+            yield Prediction(entry.path, error=entry.error)
+            continue
+        prediction = prediction_for(entry.path, scores[row], labels, options)
+        prediction.thumbnail = entry.thumbnail
+        yield prediction
+        row += 1
+
+
+def _score(value: float) -> float:
+    return round(float(value), 6)
+
+
+def prediction_record(prediction: Prediction) -> dict[str, Any]:
+    """The jsonl contract, shared by `classify` and `zsclip serve`: path, label, score, top (and with
+    background labels, other) -- or path, error. `label` and `score` are null when no label was
+    accepted."""
+    if prediction.error is not None:
+        return {"path": prediction.path, "error": prediction.error}
+    record = {
+        "path": prediction.path,
+        "label": prediction.label,
+        "score": None if prediction.score is None else _score(prediction.score),
+        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
+    }
+    if prediction.other is not None:
+        record["other"] = _score(prediction.other)
+    return record
+
+
 def classify_images(
     encoder: "ImageEncoder",
     items: Sequence[InputItem],
@@ -154,16 +214,7 @@ def classify_images(
         )
     scale = logit_scale_of(encoder.model)
     for batch, features in encoder.batches(items):
-        scores = score_features(features, classifier, scale, options)  # [n, C + B]
-        row = 0
-        for entry in batch:
-            if entry.error is not None:
-                yield Prediction(entry.path, error=entry.error)
-                continue
-            yield Prediction(
-                entry.path, thumbnail=entry.thumbnail, **judged(scores[row], labels, options)
-            )
-            row += 1
+        yield from predictions_for(batch, features, classifier, labels, scale, options)
 
 
 def classify_embeddings(
@@ -186,7 +237,7 @@ def classify_embeddings(
         while next_error < len(errors) and errors[next_error][0] <= row:
             yield Prediction(errors[next_error][1], error=errors[next_error][2])
             next_error += 1
-        yield Prediction(key, **judged(scores[row], labels, options))
+        yield prediction_for(key, scores[row], labels, options)
     for _, key, reason in errors[next_error:]:
         yield Prediction(key, error=reason)
 
@@ -242,7 +293,7 @@ def start(
         table = read_image_embeddings(request.embeddings, loaded, warn)
         scale = logit_scale_of(loaded.model)
         predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
-        predictions = _tagged(predictions, request)
+        predictions = tagged(predictions, request.options.multi_label, request.xmp)
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
     decode = request.decode or DecodeOptions()
     cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
@@ -258,13 +309,15 @@ def start(
     )
     items = request.items or []
     predictions = classify_images(encoder, items, classifier, request.labels, request.options)
-    return ClassifyRun(_tagged(predictions, request), len(items), cache)
+    return ClassifyRun(
+        tagged(predictions, request.options.multi_label, request.xmp), len(items), cache
+    )
 
 
-def _tagged(predictions: Iterator[Prediction], request: ClassifyRequest) -> Iterator[Prediction]:
-    """With `request.xmp`: each prediction's keywords written into the image's XMP sidecar as it
-    passes (zsclip.jobs.xmp); a sidecar that cannot be written is noted on the prediction."""
-    if not request.xmp:
+def tagged(predictions: Iterator[Prediction], multi_label: bool, xmp: bool) -> Iterator[Prediction]:
+    """With `xmp`: each prediction's keywords written into the image's XMP sidecar as it passes
+    (zsclip.jobs.xmp); a sidecar that cannot be written is noted on the prediction."""
+    if not xmp:
         yield from predictions
         return
     from zsclip.jobs.xmp import XmpError, tag_image
@@ -272,7 +325,7 @@ def _tagged(predictions: Iterator[Prediction], request: ClassifyRequest) -> Iter
     for prediction in predictions:
         if prediction.error is None:
             try:
-                tag_image(prediction.path, prediction.keywords(request.options.multi_label))
+                tag_image(prediction.path, prediction.keywords(multi_label))
             except XmpError as err:
                 prediction.sidecar_error = str(err)
         yield prediction

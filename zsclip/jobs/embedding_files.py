@@ -19,6 +19,7 @@ import ast
 import ctypes
 import hashlib
 import json
+import math
 import struct
 import sys
 from array import array
@@ -251,63 +252,114 @@ class EmbeddingTable:
 
 
 def read_embeddings(path: Path) -> EmbeddingTable:
-    """Read what `zsclip embed --output` wrote (.npy + sidecar, .safetensors or .jsonl)."""
+    """Read what `zsclip embed --output` wrote (.npy + sidecar, .safetensors or .jsonl).
+
+    Every size a header claims is checked against the file's real length before anything is
+    allocated, and every field's type before it is used: a damaged or foreign file is one UserError
+    line saying what is wrong, never another exception.
+    """
+    path = Path(path)
     if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
         raise UserError(
-            f"embeddings file {str(path)!r} does not exist; make one with `zsclip embed IMAGES -o FILE`"
+            f"embeddings file {str(path)!r} {what}; make one with `zsclip embed IMAGES -o FILE`"
         )
     suffix = path.suffix.lower()
+    readers = {".npy": _read_npy, ".safetensors": _read_safetensors}
+    reader = readers.get(suffix, _read_jsonl if suffix in (".jsonl", ".ndjson") else None)
+    if reader is None:
+        raise UserError(f"embeddings file {str(path)!r}: expected .npy, .safetensors or .jsonl")
     try:
-        if suffix == ".npy":
-            return _read_npy(path)
-        if suffix == ".safetensors":
-            return _read_safetensors(path)
-        if suffix in (".jsonl", ".ndjson"):
-            return _read_jsonl(path)
-    except (ValueError, KeyError, SyntaxError, struct.error, UnicodeDecodeError) as err:
+        return reader(path)
+    except OSError as err:
         raise UserError(
-            f"embeddings file {str(path)!r} is damaged or not from `zsclip embed`: {err}"
+            f"cannot read embeddings file {str(path)!r}: {err.strerror or err}"
         ) from None
-    raise UserError(f"embeddings file {str(path)!r}: expected .npy, .safetensors or .jsonl")
+    except (
+        ValueError,  # _Damaged, json, struct sizes, int() of huge literals, UnicodeDecodeError
+        KeyError,
+        TypeError,
+        SyntaxError,
+        RecursionError,
+        OverflowError,  # a number beyond float32 in jsonl
+        struct.error,
+    ) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UserError(
+            f"embeddings file {str(path)!r} is damaged or not from `zsclip embed`: {reason}"
+        ) from None
+
+
+class _Damaged(ValueError):
+    """What is wrong with an embeddings file, in words (read_embeddings adds the file name)."""
+
+
+_DTYPES = {"<f4": 4, "<f8": 8, "<f2": 2}  # the .npy descr names read back, with their sizes
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2"}
+_MAX_NPY_HEADER = 10000  # numpy's own limit for np.load
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors library's limit
+
+
+def _shape_2d(value: object) -> tuple[int, int]:
+    """A [rows, dim] shape of two non-negative integers, or _Damaged."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if not ok or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise _Damaged(f"expected a 2-D shape [rows, dim], found {str(value)[:80]}")
+    return value[0], value[1]
+
+
+def _check_length(shape: tuple[int, int], itemsize: int, available: int) -> int:
+    """The byte size of a [rows, dim] array, which must be exactly what the file holds."""
+    needed = shape[0] * shape[1] * itemsize
+    if needed != available:
+        raise _Damaged(
+            f"the header promises {shape[0]} x {shape[1]} values ({needed} bytes) but the file holds "
+            f"{available} bytes of data"
+        )
+    return needed
 
 
 def _matrix_from_bytes(data: bytes, dtype_name: str, shape: tuple[int, int]) -> "torch.Tensor":
+    """[N, D] float32 from little-endian bytes whose length was checked; refuses NaN and infinity."""
     import torch
 
     dtype = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16}[dtype_name]
     if shape[0] * shape[1] == 0:
         return torch.zeros(shape, dtype=torch.float32)
-    count = shape[0] * shape[1]
-    matrix = torch.frombuffer(bytearray(data), dtype=dtype, count=count).reshape(shape)  # [N, D]
-    return matrix.to(torch.float32)
+    matrix = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)  # [N, D]
+    matrix = matrix.to(torch.float32)
+    if not bool(torch.isfinite(matrix).all()):
+        raise _Damaged("it holds values that are not finite (NaN or infinity)")
+    return matrix
 
 
 def _read_npy(path: Path) -> EmbeddingTable:
-    raw = path.read_bytes()
-    if raw[:6] != b"\x93NUMPY":
-        raise ValueError("not an .npy file")
+    raw = path.read_bytes()  # the file's real size: nothing here is sized by what it claims
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 10:
+        raise _Damaged("not an .npy file")
     major = raw[6]
-    length, start = (
-        (struct.unpack("<H", raw[8:10])[0], 10)
-        if major == 1
-        else (struct.unpack("<I", raw[8:12])[0], 12)
+    if major not in (1, 2, 3):
+        raise _Damaged(f"unknown .npy format version {major}")
+    if major == 1:
+        (length,), start = struct.unpack("<H", raw[8:10]), 10
+    else:
+        (length,), start = struct.unpack("<I", raw[8:12]), 12
+    if length > _MAX_NPY_HEADER or start + length > len(raw):
+        raise _Damaged(f"its header claims {length} bytes, more than the file or the format allows")
+    header = _npy_header_fields(
+        raw[start : start + length].decode("utf-8" if major == 3 else "latin1")
     )
-    header = ast.literal_eval(raw[start : start + length].decode("latin1"))
-    shape = tuple(header["shape"])
-    if header["fortran_order"] or len(shape) != 2 or header["descr"] not in ("<f4", "<f8", "<f2"):
-        raise ValueError(f"expected a 2-D little-endian float array, found {header}")
-    vectors = _matrix_from_bytes(raw[start + length :], header["descr"], shape)
+    shape = _shape_2d(header["shape"])
+    _check_length(shape, _DTYPES[header["descr"]], len(raw) - start - length)
+    vectors = _matrix_from_bytes(memoryview(raw)[start + length :], header["descr"], shape)
     for kind in ("path", "text"):
         sidecar = sidecar_path(path, kind)
         if sidecar.is_file():
             rows = sidecar.read_bytes()
             check_npy_pair(path, raw, sidecar, rows)
-            keys = [
-                json.loads(line) if line.startswith('"') else line
-                for line in rows.decode("utf-8").split("\n")[:-1]
-            ]
+            keys = _sidecar_keys(rows, sidecar.name)
             if len(keys) != shape[0]:
-                raise ValueError(
+                raise _Damaged(
                     f"{sidecar.name} lists {len(keys)} rows but the array has {shape[0]}"
                 )
             return EmbeddingTable(kind, keys, vectors)
@@ -317,43 +369,128 @@ def _read_npy(path: Path) -> EmbeddingTable:
     )
 
 
+def _npy_header_fields(text: str) -> dict:
+    """The header dict, checked: a little-endian float descr, C order, and a shape (checked later)."""
+    header = ast.literal_eval(text)  # literals only: nothing in it can run
+    if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
+        raise _Damaged("its header is not a dict with descr, fortran_order and shape")
+    if header["fortran_order"] is not False or header["descr"] not in _DTYPES:
+        raise _Damaged(
+            f"expected a C-order little-endian float array (<f4, <f8 or <f2), found "
+            f"descr={str(header['descr'])[:40]} fortran_order={str(header['fortran_order'])[:10]}"
+        )
+    return header
+
+
+def _sidecar_keys(rows: bytes, name: str) -> list[str]:
+    keys = []
+    for number, line in enumerate(rows.decode("utf-8").split("\n")[:-1], start=1):
+        key = json.loads(line) if line.startswith('"') else line
+        if not isinstance(key, str):
+            raise _Damaged(f"{name} line {number} is not a path or text")
+        keys.append(key)
+    return keys
+
+
 def _read_safetensors(path: Path) -> EmbeddingTable:
+    size = path.stat().st_size
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _Damaged("too short for a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise _Damaged(f"its header claims {length} bytes, more than the file holds")
         header = json.loads(handle.read(length))
-        entry = header["embeddings"]
-        begin, end = entry["data_offsets"]
+        entry, meta = _safetensors_entry(header)
+        shape = _shape_2d(entry["shape"])
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = _offsets(entry.get("data_offsets"), size - 8 - length)
+        _check_length(shape, _DTYPES[dtype], end - begin)
         handle.seek(8 + length + begin)
-        data = handle.read(end - begin)
-    dtype = {"F32": "<f4", "F64": "<f8", "F16": "<f2"}[entry["dtype"]]
-    meta = header.get("__metadata__") or {}
+        vectors = _matrix_from_bytes(handle.read(end - begin), dtype, shape)
     keys = json.loads(meta["zsclip.rows"])
-    vectors = _matrix_from_bytes(data, dtype, tuple(entry["shape"]))
-    if len(keys) != vectors.shape[0]:
-        raise ValueError(f"metadata lists {len(keys)} rows but the tensor has {vectors.shape[0]}")
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise _Damaged("its metadata zsclip.rows is not a list of paths or texts")
+    if len(keys) != shape[0]:
+        raise _Damaged(f"metadata lists {len(keys)} rows but the tensor has {shape[0]}")
+    kind = meta.get("zsclip.kind", "path")
     return EmbeddingTable(
-        meta.get("zsclip.kind", "path"), keys, vectors, model_name=meta.get("zsclip.core.model", "")
+        kind if kind in ("path", "text") else "path",
+        keys,
+        vectors,
+        model_name=str(meta.get("zsclip.core.model", "")),
     )
+
+
+def _safetensors_entry(header: object) -> tuple[dict, dict]:
+    """The `embeddings` tensor entry and the string metadata of a safetensors header, checked."""
+    if not isinstance(header, dict):
+        raise _Damaged("its header is not a JSON object")
+    entry, meta = header.get("embeddings"), header.get("__metadata__") or {}
+    if not isinstance(entry, dict):
+        raise _Damaged("it holds no tensor named 'embeddings'")
+    if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise _Damaged(f"expected F32, F64 or F16 embeddings, found {str(entry.get('dtype'))[:20]}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("zsclip.rows"), str):
+        raise _Damaged("its metadata has no zsclip.rows (the row order)")
+    return entry, meta
+
+
+def _offsets(value: object, available: int) -> tuple[int, int]:
+    ok = isinstance(value, list) and len(value) == 2
+    if not ok or not all(isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise _Damaged("the tensor's data_offsets are not two integers")
+    begin, end = value
+    if not 0 <= begin <= end <= available:
+        raise _Damaged(f"the tensor's data_offsets [{begin}, {end}] lie outside the file's data")
+    return begin, end
 
 
 def _read_jsonl(path: Path) -> EmbeddingTable:
     import torch
 
-    keys, rows, errors, kind = [], [], [], "path"
+    keys: list[str] = []
+    errors: list[tuple[int, str, str]] = []
+    flat = array("f")  # all rows, one after another: 4 bytes a value, not a Python float each
+    dim, kind = None, "path"
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            kind = "text" if "text" in record else "path"
-            if kind not in record:
-                raise ValueError(f"line {number} has neither 'path' nor 'text'")
-            if "error" in record:
-                errors.append((len(keys), record[kind], record["error"]))
+            kind, key, row, error = _jsonl_record(line, number)
+            if error is not None:
+                errors.append((len(keys), key, error))
                 continue
-            keys.append(record[kind])
-            rows.append(record["embedding"])
-    if len({len(row) for row in rows}) > 1:
-        raise ValueError("rows have different lengths")
-    vectors = torch.tensor(rows, dtype=torch.float32) if rows else torch.zeros(0, 0)
-    return EmbeddingTable(kind, keys, vectors, errors)
+            if dim is None:
+                dim = len(row)
+            elif len(row) != dim:
+                raise _Damaged(f"line {number} has {len(row)} values, earlier lines {dim}")
+            keys.append(key)
+            flat.extend(row)
+    if not keys:
+        return EmbeddingTable(kind, keys, torch.zeros(0, 0), errors)
+    vectors = torch.frombuffer(flat, dtype=torch.float32).view(len(keys), dim or 0).clone()
+    return EmbeddingTable(kind, keys, vectors, errors)  # [N, D]
+
+
+def _jsonl_record(line: str, number: int) -> tuple[str, str, array, str | None]:
+    """(kind, key, values, error reason or None) of one jsonl line, every field's type checked."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise _Damaged(f"line {number} is not a JSON object")
+    kind = "text" if "text" in record else "path"
+    key = record.get(kind)
+    if not isinstance(key, str):
+        raise _Damaged(f"line {number} has no 'path' or 'text' string")
+    if "error" in record:
+        return kind, key, array("f"), str(record["error"])
+    values = record.get("embedding")
+    if not isinstance(values, list) or not values:
+        raise _Damaged(f"line {number} has no 'embedding' list")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise _Damaged(f"line {number}: the embedding holds something that is not a number")
+    row = array("f", values)  # OverflowError beyond float32 (read_embeddings reports it)
+    if not all(math.isfinite(v) for v in row):
+        raise _Damaged(f"line {number}: the embedding holds values that are not finite")
+    return kind, key, row, None

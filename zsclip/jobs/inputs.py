@@ -3,7 +3,7 @@
 Order of the result = order of the arguments; a folder contributes its images recursively, sorted by
 name at every level. Inside folders, hidden entries (`.DS_Store`, macOS `._IMG_1.JPG` forks,
 `.git/`) and files without an image extension are skipped. Symlinks are followed, but a folder
-already visited (by its real path) is never entered again, so link cycles cannot loop. A path that
+already visited (the same device and inode) is never entered again, so link cycles cannot loop. A path that
 cannot be used (missing, a dangling link, a link cycle) becomes an input with an `error`, so the
 caller reports it and goes on; only a command-line argument that does not exist at all is a usage
 error, found before any work.
@@ -83,33 +83,54 @@ def _link_problem(path: str) -> str | None:
         return err.strerror or str(err)
 
 
-def _walk_folder(folder: str, seen_dirs: set[str]) -> Iterator[InputItem]:
-    """Images below `folder`, depth first, each level sorted by name; never enters a real folder twice."""
-    real = os.path.realpath(folder)
-    if real in seen_dirs:
-        # a link back to a folder on this walk (or one already listed): following it would loop
-        return
-    seen_dirs.add(real)
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as err:
-        yield InputItem(folder, f"cannot list folder: {err.strerror or err}")
-        return
-    for name in names:
-        if is_hidden(name):
+def _walk_folder(folder: str, seen_dirs: set[tuple[int, int]]) -> Iterator[InputItem]:
+    """Images below `folder`, depth first, each level sorted by name; never enters a real folder twice.
+
+    Iterative (a stack of the folders being listed), so nesting depth is bounded by the file system,
+    not by Python's recursion limit."""
+    stack: list[Iterator[str]] = []
+    entered = _enter(folder, seen_dirs)
+    if isinstance(entered, InputItem):
+        yield entered
+    elif entered is not None:
+        stack.append(entered)
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
             continue
-        child = os.path.join(folder, name)
+        name = os.path.basename(child)
         if os.path.isdir(child):  # follows symlinks
-            yield from _walk_folder(child, seen_dirs)
+            entered = _enter(child, seen_dirs)
+            if isinstance(entered, InputItem):
+                yield entered
+            elif entered is not None:
+                stack.append(entered)
         elif os.path.isfile(child):
             if is_image_name(name):
                 yield InputItem(child)
-        elif is_image_name(
-            name
-        ):  # named like an image but unusable (broken link, FIFO, socket): say so
+        elif is_image_name(name):  # named like an image but unusable (broken link, FIFO, socket)
             yield InputItem(
                 child, _link_problem(child) or "not a regular file (a FIFO, socket or device)"
             )
+
+
+def _enter(folder: str, seen_dirs: set[tuple[int, int]]) -> Iterator[str] | InputItem | None:
+    """The visible entries of `folder` as paths, sorted by name; None for a folder already visited
+    (a link back to a folder on this walk, or one already listed: following it would loop); an
+    InputItem with the reason when it cannot be listed.
+
+    A folder is known by its device and inode, not its realpath: one stat instead of one per path
+    component (realpath makes a deep tree cubic), and a bind mount of a parent cannot loop either."""
+    try:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            return None
+        seen_dirs.add((info.st_dev, info.st_ino))
+        names = sorted(os.listdir(folder))
+    except OSError as err:
+        return InputItem(folder, f"cannot list folder: {err.strerror or err}")
+    return iter([os.path.join(folder, name) for name in names if not is_hidden(name)])
 
 
 def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[InputItem]:
@@ -122,7 +143,7 @@ def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[Inpu
         )
     _missing_arguments(args)
     items: list[InputItem] = []
-    seen_dirs: set[str] = set()
+    seen_dirs: set[tuple[int, int]] = set()
     stdin_used = False
     for arg in args:
         if arg == "-":
@@ -137,7 +158,7 @@ def expand_inputs(args: Sequence[str], stdin: TextIO | None = None) -> list[Inpu
     return items
 
 
-def _expand_many(paths: Iterable[str], seen_dirs: set[str]) -> Iterator[InputItem]:
+def _expand_many(paths: Iterable[str], seen_dirs: set[tuple[int, int]]) -> Iterator[InputItem]:
     for path in paths:
         if os.path.isdir(path):
             yield from _walk_folder(path, seen_dirs)

@@ -4,12 +4,14 @@ Labels come from `--labels "a,b,c"` (split on commas, trimmed) or `--labels-file
 a label may hold commas; blank lines and lines starting with `#` are skipped). Empty and duplicate
 labels are usage errors: a duplicate would split its probability mass in two.
 
-A template set is plain text, one template per line, `{}` where the label goes, `#` starting a
-comment. The named sets live in prompts/<name>.txt; a user's file works the same way.
+A template set is plain text, one template per line, `{}` where the label goes; a line starting with
+`#` is a comment (a `#` inside a template is part of it). The named sets live in prompts/<name>.txt;
+a user's file works the same way.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +47,24 @@ def _read_text(path: Path, what: str) -> str:
 
 def _key(label: str) -> str:
     # Prompts are lower-cased and whitespace-collapsed by the tokenizer, so "Corgi" and "corgi " are
-    # one class.
+    # one class. Compatibility forms (NBSP, full-width letters, ligatures) fold with NFKC, and
+    # invisible format characters (zero-width space and joiners, soft hyphen, BOM, direction marks)
+    # are dropped: labels a reader cannot tell apart are one class.
+    text = unicodedata.normalize("NFKC", label)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join(text.casefold().split())
+
+
+def _visible_key(label: str) -> str:
+    # the comparison before invisible characters and compatibility forms are folded
     return " ".join(unicodedata.normalize("NFC", label).casefold().split())
+
+
+def _shown(label: str) -> str:
+    """The label quoted; when it holds anything invisible or unusual (zero-width characters, NBSP),
+    with every non-ASCII character written as an escape, so the difference can be seen."""
+    plain = all(ch.isprintable() and (ch == " " or not ch.isspace()) for ch in label)
+    return repr(label) if plain and _key(label) == _visible_key(label) else ascii(label)
 
 
 def check_labels(labels: list[str], source: str) -> list[str]:
@@ -60,9 +78,21 @@ def check_labels(labels: list[str], source: str) -> list[str]:
                 f"label {position} in {source} is empty; remove the extra comma or blank entry"
             )
         key = _key(label)
-        if key in seen:
+        if not key:
             raise UserError(
-                f"duplicate label {label!r} in {source} (same as {seen[key]!r}); list each once"
+                f"label {position} in {source} ({_shown(label)}) holds only invisible characters; "
+                "remove it"
+            )
+        if key in seen:
+            first = seen[key]
+            why = (
+                ""
+                if _visible_key(label) == _visible_key(first)
+                else " once invisible characters and look-alike forms are ignored"
+            )
+            raise UserError(
+                f"duplicate label {_shown(label)} in {source} (same as {_shown(first)}{why}); "
+                "list each once"
             )
         seen[key] = label
     return labels
@@ -94,12 +124,29 @@ def resolve_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     raise UserError('no labels: give --labels "cat,dog" or --labels-file classes.txt')
 
 
+def words_of(text: str) -> list[str]:
+    """The words of a label or caption as a tokenizer sees them: NFC, case-folded, runs of letters
+    and digits (punctuation and spaces between them are not words)."""
+    return re.findall(r"[^\W_]+", unicodedata.normalize("NFC", text).casefold())
+
+
+def unknown_words(labels: list[str], known: str) -> list[str]:
+    """The words of `labels` that are not in `known` (a checkpoint's `caption_words` metadata: every
+    word its training captions hold, space-separated), each once, in order of appearance. Empty
+    when `known` is empty: a model that does not list its words is not judged."""
+    vocabulary = set(known.split())
+    if not vocabulary:
+        return []
+    missing = (word for label in labels for word in words_of(label) if word not in vocabulary)
+    return list(dict.fromkeys(missing))
+
+
 def parse_templates(text: str, name: str) -> TemplateSet:
     """Parse template-file text. Each template must contain `{}`."""
     templates = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()  # `#` starts a comment, anywhere on the line
-        if not line:
+        line = raw.strip()
+        if not line or line.startswith("#"):  # a line starting with `#` is a comment
             continue
         if "{}" not in line:
             raise UserError(
@@ -116,6 +163,20 @@ def parse_templates(text: str, name: str) -> TemplateSet:
 def available_template_sets() -> list[str]:
     folder = prompts_dir()
     return sorted(path.stem for path in folder.glob("*.txt")) if folder.is_dir() else []
+
+
+def named_template_set(name: str | None, *, model_default: str | None = None) -> TemplateSet:
+    """A set from prompts/ only, by name (None: the model's own set, else the default): never a file
+    path, for callers that must not read files a remote user names (`zsclip serve`)."""
+    names = available_template_sets()
+    if name is None:
+        name = model_default if model_default in names else DEFAULT_TEMPLATE_SET
+    if name not in names:
+        choices = ", ".join(names) or "none installed"
+        raise UserError(
+            f"unknown template set {name!r}: send a list of templates or one of: {choices}"
+        )
+    return parse_templates(_read_text(prompts_dir() / f"{name}.txt", "template set"), name)
 
 
 def load_templates(spec: str | Path | None, *, model_default: str | None = None) -> TemplateSet:

@@ -14,13 +14,20 @@ Speed comes from four places:
     while the previous one's features come back;
   * an optional ImageCache (zsclip.jobs.cache): a file whose embedding is stored, unchanged since, is not decoded.
 Results always come back in input order.
+
+Memory is bounded by a `MemoryBudget` the decoding threads share: each image's peak cost is estimated from
+its header before any pixel is decoded (`transform.decode_cost`), and an image waits until the others in
+flight leave room for it; one larger than the whole budget runs alone. The default budget is a quarter of
+the memory available when the run starts, between 256 MiB and 2 GiB (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from array import array
 
     import torch
+    from PIL import Image
 
     from zsclip.core.model import CLIP
     from zsclip.core.transform import PreprocessConfig
@@ -73,6 +81,8 @@ class DecodeOptions:
     # JPEG DCT-scaled decoding down to this size; None = exact full-size decode
     draft_size: int | None = None
     thumbnail_size: int | None = None  # longest side of report thumbnails; None = no thumbnails
+    # bytes all decoding threads together may hold; None = default_memory_budget()
+    memory_budget: int | None = None
 
     @classmethod
     def for_model(
@@ -82,6 +92,114 @@ class DecodeOptions:
         return cls(None if exact else draft_size_for(image_size), thumbnail_size)
 
 
+_MIB = 1 << 20
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (MemAvailable; else of physical memory), between 256 MiB
+    and 2 GiB: room for several full-size decodes of large images, never enough to push a machine into
+    swap or the OOM killer when a folder holds many of them."""
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        try:
+            import os
+
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            available = 4096 * _MIB
+    return max(256 * _MIB, min(2048 * _MIB, available // 4))
+
+
+class MemoryBudget:
+    """A byte budget shared by decoding threads, granted first come, first served.
+
+    `acquire(n)` waits until every earlier request has been granted and n more bytes fit; a request
+    larger than the whole budget is cut to it, so it waits until nothing else is held and then runs
+    alone. Nothing is allocated here: the bytes are estimates that callers keep to.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, int(total))
+        self.used = 0
+        self.peak = 0  # the most ever held at once (for tests and benchmarks)
+        self._queue: deque[object] = deque()
+        self._changed = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for room now."""
+        with self._changed:
+            return len(self._queue)
+
+    def acquire(self, nbytes: int) -> int:
+        """Wait for room, take it, and return what was taken (pass that to `release`)."""
+        take = max(0, min(int(nbytes), self.total))
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+            while self._queue[0] is not ticket or (self.used and self.used + take > self.total):
+                self._changed.wait()
+            self._queue.popleft()
+            self.used += take
+            self.peak = max(self.peak, self.used)
+            self._changed.notify_all()  # the next in line may fit too
+        return take
+
+    def release(self, taken: int) -> None:
+        with self._changed:
+            self.used -= taken
+            self._changed.notify_all()
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """A `reserve(nbytes)` for one decode (transform.load_image's `reserve`); whatever it took is
+        given back when the block ends, however it ends."""
+        taken: list[int] = []
+
+        def reserve(nbytes: int) -> None:
+            if taken:
+                raise RuntimeError("reserve() is called once per decode")
+            taken.append(self.acquire(nbytes))
+
+        try:
+            yield reserve
+        finally:
+            if taken:
+                if taken[0] >= _TRIM_AT:
+                    _return_free_memory()
+                self.release(taken[0])
+
+
+# Holds at least this large hand freed memory back to the OS before they end (see _return_free_memory).
+_TRIM_AT = 64 * _MIB
+_LIBC: list = []  # [ctypes handle or None], looked up once
+
+
+def _return_free_memory() -> None:
+    """Ask glibc to give freed memory back to the OS (malloc_trim). Each decoding thread allocates from
+    its own malloc arena, which keeps what an image freed; without this, eight threads could keep
+    eight large images' worth of pages resident while the budget counts only the ones in use."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
+        except OSError:  # not glibc (musl, macOS): their allocators return large blocks themselves
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text[:300]
@@ -89,10 +207,16 @@ def _one_line(err: BaseException) -> str:
 
 def make_thumbnail(image, size: int) -> bytes:
     """A JPEG of at most size x size pixels (aspect kept), for embedding in the HTML report."""
-    small = image.copy()
-    small.thumbnail((size, size))
+    from PIL import Image
+
+    width, height = image.size
+    scale = min(1.0, size / max(width, height, 1))
+    small = image
+    if scale < 1.0:  # resized straight from the image: no full-size copy
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
     buffer = io.BytesIO()
-    small.convert("RGB").save(buffer, format="JPEG", quality=80)
+    (small if small.mode == "RGB" else small.convert("RGB")).save(buffer, "JPEG", quality=80)
     return buffer.getvalue()
 
 
@@ -103,31 +227,83 @@ def decode_one(
     *,
     cached: "array | None" = None,
     stamp: "FileStamp | None" = None,
+    budget: MemoryBudget | None = None,
 ) -> Decoded:
-    """Read one input (only its thumbnail when its embedding is `cached`). Never raises for a bad file."""
+    """Read one input (only its thumbnail when its embedding is `cached`). Never raises for a bad file.
+    With a `budget`, the decode waits for its estimated memory and holds it until the pixels are made."""
     if item.error is not None:
         return Decoded(item.path, error=item.error)
     if cached is not None and not options.thumbnail_size:
         return Decoded(item.path, cached=cached)
-    from zsclip.core.transform import load_image, to_pixels
+    from zsclip.core.transform import load_image
+
+    def load(draft: int | None, reserve: Callable[[int], None] | None) -> "Image.Image":
+        return load_image(
+            item.path, draft_size=draft, background=config.background, reserve=reserve
+        )
+
+    return _decode_with(item.path, load, config, options, cached=cached, stamp=stamp, budget=budget)
+
+
+def decode_bytes(
+    name: str, data: bytes, config: "PreprocessConfig", options: DecodeOptions, max_pixels: int
+) -> Decoded:
+    """`decode_one` for an image already in memory (an upload to `zsclip serve`): the same decoding,
+    bomb checks and one-line reasons. Never raises for bad bytes."""
+    from zsclip.core.transform import load_image_bytes
+
+    def load(draft: int | None, reserve: Callable[[int], None] | None) -> "Image.Image":
+        return load_image_bytes(
+            data,
+            draft_size=draft,
+            background=config.background,
+            max_pixels=max_pixels,
+            reserve=reserve,
+        )
+
+    return _decode_with(name, load, config, options)
+
+
+def _decode_with(
+    path: str,
+    load: Callable[[int | None, Callable[[int], None] | None], "Image.Image"],
+    config: "PreprocessConfig",
+    options: DecodeOptions,
+    *,
+    cached: "array | None" = None,
+    stamp: "FileStamp | None" = None,
+    budget: MemoryBudget | None = None,
+) -> Decoded:
+    """Decode with `load(draft_size, reserve)`, then make the model's pixels (unless cached) and the
+    thumbnail. With a `budget`, the decode waits for its estimated memory and holds it until the
+    pixels are made."""
+    from zsclip.core.transform import to_pixels
 
     try:
-        draft = options.thumbnail_size if cached is not None else options.draft_size
-        image = load_image(item.path, draft_size=draft, background=config.background)
-        # the exact path stays pixel-identical to the reference
-        fast = options.draft_size is not None
-        # [3, S, S] uint8
-        pixels = to_pixels(image, config, resample_crop_only=fast) if cached is None else None
-        thumbnail = (
-            make_thumbnail(image, options.thumbnail_size) if options.thumbnail_size else None
-        )
+        with budget.holding() if budget is not None else _no_budget() as reserve:
+            image = load(
+                options.thumbnail_size if cached is not None else options.draft_size, reserve
+            )
+            # the exact path stays pixel-identical to the reference
+            fast = options.draft_size is not None
+            # [3, S, S] uint8
+            pixels = to_pixels(image, config, resample_crop_only=fast) if cached is None else None
+            thumbnail = (
+                make_thumbnail(image, options.thumbnail_size) if options.thumbnail_size else None
+            )
+            del image  # the full-size pixels go before the budget is given back
     except InputError as err:
-        return Decoded(item.path, error=_one_line(err))
+        return Decoded(path, error=_one_line(err))
     except MemoryError:
-        return Decoded(item.path, error="image too large to decode in memory")
+        return Decoded(path, error="image too large to decode in memory")
     except Exception as err:  # a decoder bug must cost one input, not the run
-        return Decoded(item.path, error=f"cannot read image: {_one_line(err)}")
-    return Decoded(item.path, pixels, thumbnail=thumbnail, cached=cached, stamp=stamp)
+        return Decoded(path, error=f"cannot read image: {_one_line(err)}")
+    return Decoded(path, pixels, thumbnail=thumbnail, cached=cached, stamp=stamp)
+
+
+@contextmanager
+def _no_budget() -> Iterator[None]:
+    yield None
 
 
 class _Ready:
@@ -196,9 +372,13 @@ def decoded_batches(
     """Batches holding up to `batch_size` entries for the model (plus cached and unreadable ones), in
     order."""
 
+    budget = MemoryBudget(
+        options.memory_budget if options.memory_budget is not None else default_memory_budget()
+    )
+
     def work(entry) -> Decoded:
         item, cached, file_stamp = entry
-        return decode_one(item, config, options, cached=cached, stamp=file_stamp)
+        return decode_one(item, config, options, cached=cached, stamp=file_stamp, budget=budget)
 
     def cheap(entry) -> bool:  # nothing to read from disk
         return entry[0].error is not None or (entry[1] is not None and not options.thumbnail_size)

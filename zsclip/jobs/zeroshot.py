@@ -96,21 +96,25 @@ def truncated_prompts(
 def classifier_for(
     loaded: "LoadedModel",
     labels: Sequence[str],
-    templates: str | None,
+    templates: "str | TemplateSet | None",
     *,
     device: "torch.device",
     dtype: "torch.dtype",
     use_cache: bool = True,
     warn: Callable[[str], None] = lambda message: None,
 ) -> "torch.Tensor":
-    """[D, C] zero-shot weights for `labels` with the template set `templates` (a name or a file;
-    None: the model's own set, else photo), warning when prompts are too long for the model. Read
-    from (and written to) the classifier cache when the model has a file to identify it by."""
+    """[D, C] zero-shot weights for `labels` with the template set `templates` (a name or a file, or
+    a TemplateSet already read; None: the model's own set, else photo), warning when prompts are too
+    long for the model. Read from (and written to) the classifier cache when the model has a file to
+    identify it by."""
     from zsclip.core.devices import precision_name
     from zsclip.jobs import cache
-    from zsclip.jobs.labels import load_templates
+    from zsclip.jobs.labels import TemplateSet, load_templates
 
-    template_set = load_templates(templates, model_default=loaded.metadata.get("templates"))
+    if isinstance(templates, TemplateSet):
+        template_set = templates
+    else:
+        template_set = load_templates(templates, model_default=loaded.metadata.get("templates"))
     context = loaded.model.config.text.context_length
     cut = truncated_prompts(loaded.tokenizer, labels, template_set, context)
     if cut:

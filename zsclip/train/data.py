@@ -2,9 +2,10 @@
 order.
 
 A pairs file is `image<TAB>caption` per line (.tsv or .txt), a .csv with the same two columns, or
-.jsonl with {"image": ..., "caption": ...} objects; a header row is optional. Relative image paths
-are resolved against the pairs file's folder. Every problem is reported with its line number before
-training starts.
+.jsonl with {"image": ..., "caption": ...} objects; a header row is optional, and so is a UTF-8
+byte-order mark. Relative image paths are resolved against the pairs file's folder. Every problem is
+reported with its line number before training starts: each image is decoded once, completely, as
+training will decode it, so a truncated file or a pixel flood is found here and not at step 0.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ class Pair:
     caption: str
 
 
+# problems listed one per line before the summary; the rest are counted
+SHOWN_PROBLEMS = 50
+
+
 class DataError(UserError):
     """The pairs file has problems; `problems` lists them, one line each, with line numbers."""
 
-    def __init__(self, source: Path, problems: list[str]) -> None:
-        super().__init__(
-            f"{len(problems)} problem(s) in {source} (listed above); fix them or pass --skip-missing "
-            "to train without those rows"
-        )
+    def __init__(self, source: Path, problems: list[str], hint: str) -> None:
+        super().__init__(f"{len(problems)} problem(s) in {source} (listed above); {hint}")
         self.problems = problems
 
 
@@ -53,7 +55,8 @@ def _is_header(fields: list[str]) -> bool:
 def _rows_delimited(
     path: Path, delimiter: str
 ) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    # utf-8-sig: a byte-order mark (Excel, Notepad) must not glue itself to the header's first word
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
         if delimiter == ",":
             reader = csv.reader(handle)
             for fields in reader:
@@ -65,7 +68,7 @@ def _rows_delimited(
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    with path.open("r", encoding="utf-8") as handle:
+    with path.open("r", encoding="utf-8-sig") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 yield number, [], None
@@ -86,13 +89,13 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]
             yield number, [image, text_value], None
 
 
-def read_pairs(path: Path) -> tuple[list[Pair], list[str]]:
+def read_pairs(path: Path, option: str = "--data") -> tuple[list[Pair], list[str]]:
     """Parse a pairs file without touching the images. Returns (pairs, problems as 'file:line:
-    reason')."""
+    reason'). `option` names the command-line option that gave the file, for the not-found message."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
-            f"pairs file not found: {path}; give --data a .tsv, .csv or .jsonl of image and caption"
+            f"pairs file not found: {path}; give {option} a .tsv, .csv or .jsonl of image and caption"
         )
     suffix = path.suffix.lower()
     rows = (
@@ -102,7 +105,7 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[str]]:
     )
     pairs: list[Pair] = []
     problems: list[str] = []
-    first = True
+    first, number = True, 0
     try:
         for number, fields, problem in rows:
             if problem is None and fields == []:
@@ -125,6 +128,8 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[str]]:
             )
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save the pairs file as UTF-8") from None
+    except csv.Error as err:  # e.g. a field longer than the csv module's limit (128 KiB)
+        raise UserError(f"{path} is not valid CSV after line {number}: {err}") from None
     return pairs, problems
 
 
@@ -141,45 +146,89 @@ def _check_fields(fields: list[str]) -> str | None:
 
 
 def check_images(pairs: list[Pair], source: Path) -> tuple[list[Pair], list[str]]:
-    """Keep the pairs whose image exists and opens as an image (header only: cheap); report the others."""
-    from PIL import Image, UnidentifiedImageError
+    """Keep the pairs whose image decodes completely, as training decodes it
+    (zsclip.core.transform.load_image: whole file, pixel limit, EXIF, RGB); report the others.
+
+    A header alone passes truncated files and pixel floods, which would then stop training at its
+    first step. Decoding runs in a few threads (Pillow releases the GIL while it decodes), a chunk of
+    pairs at a time so that no more than a chunk of work is queued.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     good: list[Pair] = []
     problems: list[str] = []
-    for pair in pairs:
-        reason = None
-        if not pair.image.is_file():
-            reason = f"image not found: {pair.image}"
-        else:
-            try:
-                with Image.open(pair.image) as image:
-                    if image.width < 1 or image.height < 1:
-                        reason = f"empty image: {pair.image}"
-            except (UnidentifiedImageError, OSError) as err:
-                reason = f"unreadable image {pair.image} ({type(err).__name__})"
-        if reason:
-            problems.append(f"{source.name}:{pair.line}: {reason}")
-        else:
-            good.append(pair)
+    with ThreadPoolExecutor(max_workers=_check_threads()) as pool:
+        for start in range(0, len(pairs), CHECK_CHUNK):
+            chunk = pairs[start : start + CHECK_CHUNK]
+            for pair, reason in zip(chunk, pool.map(_image_problem, chunk)):
+                if reason:
+                    problems.append(f"{source.name}:{pair.line}: {reason}")
+                else:
+                    good.append(pair)
     return good, problems
 
 
+CHECK_CHUNK = 1024  # pairs queued at once in the decode check
+
+
+def _check_threads() -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
+
+
+def _image_problem(pair: Pair) -> str | None:
+    """None if the pair's image decodes; else a one-line reason naming the file."""
+    from zsclip.core.transform import load_image
+    from zsclip.errors import InputError
+
+    if not pair.image.is_file() and not pair.image.is_symlink():
+        return f"image not found: {pair.image}"
+    try:
+        # draft_size=1: a JPEG is decoded at its smallest DCT scale. Every byte of the compressed
+        # stream is still read and entropy-decoded (a truncated or corrupt file fails as it would at
+        # full size); only the final inverse transform is smaller, several times faster for photos.
+        load_image(pair.image, draft_size=1).close()
+    except InputError as err:
+        return f"unreadable image {pair.image} ({err})"
+    except Exception as err:  # noqa: BLE001 - a decoder bug must cost one row, not the run
+        return f"unreadable image {pair.image} ({type(err).__name__})"
+    return None
+
+
 def load_pairs(
-    path: Path, *, skip_missing: bool = False, warn: Callable[[str], None] | None = None
+    path: Path,
+    *,
+    skip_missing: bool = False,
+    warn: Callable[[str], None] | None = None,
+    option: str = "--data",
+    hint: str = "fix them or pass --skip-missing to train without those rows",
 ) -> list[Pair]:
     """Read and check a pairs file. Problems stop the run (DataError) unless skip_missing, which drops
-    them."""
+    those rows and reports each one (with its line number) through `warn`."""
     path = Path(path)
-    pairs, problems = read_pairs(path)
+    pairs, problems = read_pairs(path, option)
     pairs, image_problems = check_images(pairs, path)
     problems += image_problems
+    problems.sort(key=lambda problem: _line_of(problem, path.name))
     if problems and not skip_missing:
-        raise DataError(path, problems)
+        raise DataError(path, problems, hint)
     if problems and warn:
+        for problem in problems[:SHOWN_PROBLEMS]:
+            warn(f"{problem} (skipped)")
+        if len(problems) > SHOWN_PROBLEMS:
+            warn(f"... and {len(problems) - SHOWN_PROBLEMS} more")
         warn(f"skipping {len(problems)} bad row(s) of {path} (--skip-missing)")
     if not pairs:
         raise UserError(f"{path} has no usable image-caption pairs")
     return pairs
+
+
+def _line_of(problem: str, name: str) -> int:
+    """The line number of a 'NAME:LINE: reason' problem (they are listed in file order)."""
+    number = problem[len(name) + 1 :].split(":", 1)[0]
+    return int(number) if number.isdigit() else 0
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -226,7 +275,7 @@ class PairDataset(torch.utils.data.Dataset):
         pair = self.pairs[index]
         try:
             image = load_image(pair.image, background=self.preprocess.background)
-        except InputError as err:  # passed the header check before training, but does not decode
+        except InputError as err:  # decoded in the check before training; changed since
             raise UserError(
                 f"line {pair.line}: image {pair.image} cannot be decoded ({err}); fix or remove that "
                 "row, then continue with --resume"

@@ -24,7 +24,9 @@ well. So each rank calls backward on its own local mean, with no extra factor of
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -86,6 +88,48 @@ class World:
         value = torch.tensor([float(number)], device=device, dtype=torch.float64)
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return int(value.item())
+
+    def broadcast_json(self, obj: Any, device: torch.device | str = "cpu") -> Any:
+        """Rank 0's `obj` (JSON types) on every rank; the other ranks pass None.
+
+        Sent as UTF-8 bytes in a uint8 tensor, length first: no pickle, and no numpy (which
+        torch.distributed.broadcast_object_list needs, and zsclip does not depend on at run time).
+        """
+        if not self.distributed:
+            return obj
+        data = json.dumps(obj).encode("utf-8") if self.is_main else b""
+        length = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(length, src=0)
+        if self.is_main:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        else:
+            buffer = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(buffer, src=0)
+        if self.is_main:
+            return obj
+        received = buffer.cpu().contiguous()  # [length] uint8
+        return json.loads(ctypes.string_at(received.data_ptr(), received.numel()).decode("utf-8"))
+
+    def broadcast_tensors(
+        self, tensors: dict[str, torch.Tensor] | None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Rank 0's named CPU tensors on every rank (names, dtypes and shapes go first, as JSON)."""
+        if not self.distributed:
+            return dict(tensors or {})
+        specs = [
+            [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
+            for name, t in (tensors or {}).items()
+        ]
+        specs = self.broadcast_json(specs if self.is_main else None, device)
+        out = {}
+        for name, dtype, shape in specs:
+            if self.is_main:
+                buffer = tensors[name].detach().contiguous().to(device)  # type: ignore[index]
+            else:
+                buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            dist.broadcast(buffer, src=0)
+            out[name] = tensors[name] if self.is_main else buffer.cpu()  # type: ignore[index]
+        return out
 
 
 def world_from_env(env: Mapping[str, str] | None = None) -> World:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -33,15 +33,17 @@ from zsclip.train.schedule import lr_at, set_lr
 @dataclass
 class TrainConfig:
     # pairs file (.tsv / .csv / .jsonl), or tar shards ('shards/{00000..00099}.tar',
-    # zsclip.train.shards)
-    data: str
+    # zsclip.train.shards); may be None when resuming (the saved one is used)
+    data: str | None
     output: str  # run folder
     model: str = "small"  # preset name (train from scratch) or checkpoint path (fine-tune)
     val: str | None = None  # pairs file for retrieval recall@k
     zeroshot_dir: str | None = None  # folder of class subfolders for zero-shot top-1
     templates: str | None = None  # prompt set the model is trained for (stored in its metadata)
-    epochs: int | None = None  # total length: epochs, or ...
-    steps: int | None = None  # ... optimizer steps (wins over epochs)
+    # total length: epochs, or optimizer steps (wins over epochs). Given again with --resume, either
+    # sets a new end: the remaining steps follow the warmup + cosine schedule of a run of that length
+    epochs: int | None = None
+    steps: int | None = None
     # pairs per process and micro-batch; the contrastive batch (every other pair is a negative) is
     # the global one: world_size x accum_steps x batch_size (zsclip.train.batches)
     batch_size: int = 256
@@ -149,6 +151,17 @@ class Run:
                 self.source.samples_per_epoch,
             )
         self.last_saved = self.step
+        if self.total_steps < self.step:
+            raise UserError(
+                f"the run is at step {self.step}, past the end that --epochs "
+                f"{config.epochs} sets ({self.total_steps}); give a larger --epochs or --steps"
+            )
+        if config.warmup > self.total_steps and self.step == 0:
+            hooks.warn(
+                f"--warmup {config.warmup} is longer than the run ({self.total_steps} steps): the "
+                f"learning rate rises all the way and reaches --lr {config.lr:g} only at the last "
+                "step, with no decay; lower --warmup"
+            )
 
     # ---- the loop
     # ---------------------------------------------------------------------------------------
@@ -310,13 +323,31 @@ class Run:
         return result
 
 
-def prepare(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> Run:
+def prepare(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    hooks: Hooks | None = None,
+    given: Collection[str] | None = None,
+) -> Run:
     """Check the data, build or load the model, and set up the output folder; raises UserError on
-    mistakes."""
+    mistakes.
+
+    With `resume`, the saved configuration is used, except for the runtime options (workers,
+    device, accum_steps, ...) taken from `config`, and for the fields named in `given` (the options
+    the user set on purpose) among steps, epochs, data, val, zeroshot_dir and skip_missing. Other
+    fields in `given` whose value differs from the saved one are reported as ignored.
+    """
     from zsclip.train import setup as train_setup
 
-    return Run(*train_setup.setup(config, resume, hooks or Hooks()))
+    return Run(*train_setup.setup(config, resume, hooks or Hooks(), given))
 
 
-def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> TrainResult:
-    return prepare(config, resume=resume, hooks=hooks).train()
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    hooks: Hooks | None = None,
+    given: Collection[str] | None = None,
+) -> TrainResult:
+    return prepare(config, resume=resume, hooks=hooks, given=given).train()

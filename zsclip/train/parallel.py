@@ -46,24 +46,54 @@ def wrap(model: Any, world: dist_.World, device: torch.device) -> Any:
     return dist_.wrap(model, world, device)
 
 
-def saved_position(state: dict, samples_per_epoch: int) -> tuple[int, int]:
-    """(epoch, global sample position) of a saved run. States from before the position was stored were
-    written by one process with the plain batch, so the position follows from the step."""
-    if "epoch" in state and "position" in state:
-        return int(state["epoch"]), int(state["position"])
-    batch = int(state["config"]["batch_size"])
-    epoch, index = divmod(int(state["step"]), samples_per_epoch // batch)
-    return epoch, index * batch
+def saved_position(state: dict) -> tuple[int, int]:
+    """(epoch, global sample position) of a saved run."""
+    return int(state["epoch"]), int(state["position"])
 
 
-def shared_state(world: dist_.World, load: Callable[[], Any]) -> Any:
-    """`load()` on rank 0 only, its result sent to every rank (None stays None)."""
-    state = load() if world.is_main else None
-    if world.distributed:
-        box = [state]
-        torch.distributed.broadcast_object_list(box, src=0)
-        state = box[0]
-    return state
+class RankZeroError(UserError):
+    """Raised on the other ranks when rank 0 failed a step they all wait for; rank 0 has already said
+    why, so these processes exit with its code and print nothing."""
+
+
+def from_rank_zero(world: dist_.World, device: Any, work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0 only, its JSON result on every rank. A UserError on rank 0 reaches every rank
+    (as RankZeroError on the others), so nobody waits for a broadcast that never comes."""
+    if not world.distributed:
+        return work()
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = work()
+        except UserError as err:
+            error = err
+    message = {"error": [str(error), error.exit_code] if error else None, "result": result}
+    message = world.broadcast_json(message, device)
+    if error is not None:
+        raise error
+    if message["error"]:
+        raise RankZeroError(*message["error"])
+    return message["result"]
+
+
+def shared_state(
+    world: dist_.World, device: Any, read: Callable[[], tuple[Any, dict] | None]
+) -> tuple[Any, dict] | None:
+    """`read()` -> (JSON document, named tensors) or None, done by rank 0 only and sent to every rank
+    (so machines without the output folder can resume). No pickle crosses between processes."""
+    if not world.distributed:
+        return read()
+    holder: dict[str, Any] = {}
+
+    def plain_part() -> Any:
+        holder["parts"] = read()
+        return None if holder["parts"] is None else holder["parts"][0]
+
+    plain = from_rank_zero(world, device, plain_part)
+    if plain is None:
+        return None
+    tensors = world.broadcast_tensors(holder["parts"][1] if world.is_main else None, device)
+    return plain, tensors
 
 
 class MemoryLog:

@@ -21,6 +21,7 @@ same bytes.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,24 @@ def heldout_combinations() -> list[tuple[str, str]]:
 
 def label(colour: str, shape: str) -> str:
     return f"{colour} {shape}"
+
+
+def caption_words() -> list[str]:
+    """Every word a caption of this world can hold (see `caption`), sorted: the only words a model
+    trained on it has met. The built-in model carries this list as its `caption_words` metadata."""
+    phrases = [
+        *COLOURS,
+        *SHAPES,
+        *PLURALS.values(),
+        *BACKGROUNDS,
+        *POSITIONS,
+        *COUNT_WORDS.values(),
+        *PREFIXES,
+        "there are",
+        "one an small large",
+        "on a background",
+    ]
+    return sorted({word for phrase in phrases for word in phrase.split()})
 
 
 @dataclass
@@ -312,6 +331,10 @@ def draw_example(
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+# What `generate` writes at the top of OUT: a folder holding only these is a previous shapes set.
+SET_ENTRIES = frozenset({"train", "val", "seen", "heldout", "train.tsv", "val.tsv", "labels.txt"})
+
+
 def generate(
     out: Path,
     count: int,
@@ -323,8 +346,68 @@ def generate(
     progress: Progress | None = None,
 ) -> dict[str, int]:
     """Write the world described in the module docstring into `out`; returns the number of images per
-    part."""
+    part.
+
+    OUT may be missing, an empty folder, or a previous shapes set (SET_ENTRIES only), which is
+    replaced whole; anything else is refused (UserError) before drawing starts. The set is drawn in a
+    hidden sibling folder and renamed into place at the end, so OUT never holds a mixture of two
+    sets or an interrupted one.
+    """
+    import shutil
+    import tempfile
+
     out = Path(out)
+    replacing = check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    work.chmod(0o777 & ~mask)  # mkdtemp's folder is private; the set gets a normal folder's mode
+    try:
+        counts = _draw(work, count, seed, image_size, val_count, eval_per_class, progress)
+        if replacing:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / "set")  # out's name is free from here to the next rename
+            work.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.is_dir():
+                out.rmdir()  # empty: checked above
+            work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return counts
+
+
+def check_output(out: Path) -> bool:
+    """Whether OUT is a previous shapes set to replace; UserError for what must not be touched."""
+    from zsclip.errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give a folder for the shapes set (it is created)")
+    if not out.exists():
+        return False
+    entries = {path.name for path in out.iterdir()}
+    if not entries:
+        return False
+    if entries <= SET_ENTRIES and "labels.txt" in entries:
+        return True
+    raise UserError(
+        f"{out} is not empty and is not a shapes set (it holds {sorted(entries)[0]!r}); give a new "
+        "or empty folder"
+    )
+
+
+def _draw(
+    out: Path,
+    count: int,
+    seed: int,
+    image_size: int,
+    val_count: int | None,
+    eval_per_class: int,
+    progress: Progress | None,
+) -> dict[str, int]:
     val_count = max(100, count // 20) if val_count is None else val_count
     plan = [("train", count), ("val", val_count)]
     total = count + val_count + eval_per_class * len(all_combinations())
