@@ -176,33 +176,62 @@ def test_usage_errors_are_one_line(args: list[str], message: str, tmp_path: Path
     assert not (tmp_path / "d").exists()
 
 
+def whole(root: Path, before: dict[str, bytes], context: object) -> dict[bytes, list[str]]:
+    """Every image's bytes exist somewhere below root, and no file under a real (not hidden
+    temporary) name holds anything else: nothing lost, nothing half written."""
+    found = everywhere(root)
+    for data in before.values():
+        assert data in found, f"a file was lost ({context})"
+    for data, paths in found.items():
+        shown = [path for path in paths if not Path(path).name.startswith(".")]
+        assert not shown or data in before.values(), f"{shown} half written ({context})"
+    return found
+
+
+def killed_runs(command: list[str], steps: list[int], root: Path, before: dict) -> list[int]:
+    """Run `command` killed (SIGKILL) at each checkpoint number in turn, checking after each that
+    nothing was lost; stops early when a run has fewer steps and finishes. The steps it died at."""
+    died = []
+    for step in steps:
+        result = run_zsclip(command, env={"ZSCLIP_FAULT_KILL_AT_STEP": str(step)})
+        assert result.returncode in (0, -signal.SIGKILL), (steps, result.stderr)
+        whole(root, before, f"steps {steps}")
+        if result.returncode == 0:
+            break
+        died.append(step)
+    return died
+
+
 def test_a_killed_move_is_finished_by_the_same_command_and_undone(
     photos: Path, tmp_path: Path
 ) -> None:
-    """kill -9 (at a random step) in the middle of `sort --move`, then the same command again,
-    then `--undo` killed too and run again: each image exactly once with its bytes, every time."""
+    """kill -9 at random steps in the middle of `sort --move`, several times in a row (each rerun
+    killed again), then the same command once more; then `--undo`, killed the same way and run
+    again: each image exactly once with its bytes, every time."""
     dest = tmp_path / "sorted"
     before = originals(photos)
     files = sorted(str(path) for path in photos.glob("*.png"))  # named one by one: some vanish
     command = ["sort", *files, "--to", str(dest), "-L", LABELS, "--move", "-q", "-f", "jsonl"]
-    rng = random.Random()
-    step = rng.randint(1, 40)  # a sort of 8 files has more checkpoints
-    killed = run_zsclip(command, env={"ZSCLIP_FAULT_KILL_AT_STEP": str(step)})
-    assert killed.returncode == -signal.SIGKILL, (step, killed.stderr)
-    found = everywhere(tmp_path)
-    assert all(data in found for data in before.values()), f"a file was lost at step {step}"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    # a move of 8 files has about 70 checkpoints: the first kill always falls inside the run
+    steps = [rng.randint(1, 40)] + [rng.randint(1, 25) for _ in range(2)]
+    died = killed_runs(command, steps, tmp_path, before)
+    assert died and died[0] == steps[0], (seed, steps, died)
     rerun = run_zsclip(command)
-    assert rerun.returncode == 0, (step, rerun.stderr)
+    assert rerun.returncode == 0, (seed, steps, rerun.stderr)
     assert len(rerun.stdout.splitlines()) == 8
-    found = everywhere(tmp_path)
+    found = whole(tmp_path, before, steps)
     for data in before.values():
         [where] = found[data]
         assert Path(where).parent.parent == dest
-    [manifest] = list((dest / ".zsclip-sort").glob("*.jsonl"))
-    undo_step = rng.randint(1, 30)
-    run_zsclip(["sort", "--undo", str(manifest)], env={"ZSCLIP_FAULT_KILL_AT_STEP": str(undo_step)})
-    assert all(data in everywhere(tmp_path) for data in before.values())
-    undone = run_zsclip(["sort", "--undo", str(manifest), "-f", "jsonl"])
-    assert undone.returncode == 0, (step, undo_step, undone.stderr)
+    [manifest] = list((dest / ".zsclip-sort").glob("*.jsonl"))  # the reruns carried on in it
+    undo_steps = [rng.randint(1, 30) for _ in range(2)]
+    undo = ["sort", "--undo", str(manifest), "-q", "-f", "jsonl"]
+    killed_runs(undo, undo_steps, tmp_path, before)
+    undone = run_zsclip(undo)
+    assert undone.returncode == 0, (seed, steps, undo_steps, undone.stderr)
     assert originals(photos) == before
     assert all(len(paths) == 1 for paths in everywhere(tmp_path).values())
+    # the label folders the sort made are gone; only the manifest's folder is left
+    assert [path.name for path in dest.iterdir()] == [".zsclip-sort"]
