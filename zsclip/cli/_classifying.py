@@ -124,14 +124,17 @@ class Choices:
 MAX_WORDS_SHOWN = 8  # unknown label words named in the warning; the rest are counted
 
 
-def warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
-    """Before any result: labels the model never learnt a word of (a model that lists the words of
-    its training captions, such as the built-in one), and a lone label under softmax."""
+def warn_about_labels(
+    loaded, label_list: list[str], multi_label: bool, quiet: bool, others: tuple[str, ...] = ()
+) -> None:
+    """Before any result: labels (background labels too) the model never learnt a word of (a model
+    that lists the words of its training captions, such as the built-in one), and a lone label
+    under softmax with nothing to compete with."""
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
     from zsclip.jobs.labels import unknown_words
 
-    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
+    unknown = unknown_words([*label_list, *others], loaded.metadata.get("caption_words", ""))
     if unknown:
         shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
         more = (
@@ -147,7 +150,7 @@ def warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: b
         )
     else:
         announce_builtin(loaded, quiet)
-    if len(label_list) == 1 and not multi_label:
+    if len(label_list) == 1 and not multi_label and not others:
         warn(
             "with one label every image scores 1.0 (a softmax over one label); add labels to choose "
             "among, or use --multi-label to ask whether each image shows it"

@@ -140,7 +140,7 @@ def classify(
     choices = Choices(
         labels, labels_file, templates, multi_label, threshold, min_score, other, other_file
     )
-    label_list, _ = choices.check()
+    label_list, others = choices.check()
     check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
@@ -189,7 +189,7 @@ def classify(
         quiet=quiet,
         announce=False,
     )
-    warn_about_labels(loaded, label_list, multi_label, quiet)
+    warn_about_labels(loaded, label_list, multi_label, quiet, others)
     request = job.ClassifyRequest(
         labels=label_list,
         templates=templates,

@@ -202,7 +202,8 @@ class _Run:
         loaded, torch_device, dtype = load_for_inference(
             **self.load, quiet=self.quiet, announce=False
         )
-        warn_about_labels(loaded, label_list, self.choices.multi_label, self.quiet)
+        _, others = self.choices.check()
+        warn_about_labels(loaded, label_list, self.choices.multi_label, self.quiet, others)
         workers = self.pipeline["workers"]
         request = job.ClassifyRequest(
             labels=label_list,
