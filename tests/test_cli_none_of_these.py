@@ -99,6 +99,15 @@ def test_csv_keeps_the_best_label_of_unsure_rows_and_the_table_says_unsure() -> 
     assert unsure == 4 and shown.stdout.count("(unsure)") == unsure and "(other)" in shown.stdout
 
 
+def test_background_words_the_model_never_learnt_are_warned_about() -> None:
+    """One label against background labels is a real question (no one-label warning), but a
+    background word the built-in model never saw makes its score meaningless: say so."""
+    result = run_cli(["classify", str(EXAMPLES / "red-heart.png"), "-l", "red heart",
+                      "--other", "pink elephant", "-f", "jsonl"])  # fmt: skip
+    assert result.code == 0 and "'elephant'" in result.stderr and "one label" not in result.stderr
+    assert "'pink'" not in result.stderr  # a colour it knows
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
