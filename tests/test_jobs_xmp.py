@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 
 from zsclip.jobs.xmp import (
-    MAX_SIDECAR_BYTES,
-    NS_DC,
-    NS_LR,
     XmpError,
     read_tags,
     remove_tags,
     sidecars_of,
     tag_image,
 )
+from zsclip.jobs.xmp_packet import MAX_SIDECAR_BYTES, NS_DC, NS_LR
 
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 DARKTABLE = "http://darktable.sf.net/"
