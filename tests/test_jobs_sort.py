@@ -234,6 +234,24 @@ def test_undo_puts_everything_back_and_keeps_what_changed(tmp_path: Path, mode: 
     assert list(undo(manifest, lambda message: None)) == results  # again: nothing more to do
 
 
+def test_undo_keeps_a_copy_whose_original_was_deleted_since(tmp_path: Path) -> None:
+    """Copy, then delete the originals (a common way to tidy up): undo must not remove the only
+    copy left. An original edited since keeps its copy too."""
+    world = make_world(tmp_path)
+    rows, manifest = sort_world(tmp_path, world, "copy")
+    gone, edited = str(tmp_path / "src" / "z.jpg"), str(tmp_path / "src" / "b" / "y.png")
+    os.unlink(gone)
+    Path(edited).write_bytes(b"edited original")
+    results = {r.path: r for r in undo(manifest, lambda message: None)}
+    copies = {row.path: row.to for row in rows}
+    for source in (gone, edited):
+        kept = results[copies[source]]
+        assert kept.result.startswith("kept: the original") and kept.left
+        assert Path(copies[source]).read_bytes() == world[source][0]
+    others = [r for path, r in results.items() if path not in (copies[gone], copies[edited])]
+    assert others and all(r.result == "removed" for r in others)
+
+
 def test_undo_of_a_move_does_not_overwrite_a_new_file_at_the_old_name(tmp_path: Path) -> None:
     world = make_world(tmp_path)
     _, manifest = sort_world(tmp_path, world, "move")

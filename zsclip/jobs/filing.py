@@ -307,14 +307,24 @@ class Filer:
             return result, None
         self.journal.append({"op": "undo", "n": action.n})
         action.undo_to = action.dst  # marks "undo begun" for this run
-        if self._unchanged(action):
+        kept = self._why_keep(action)
+        if kept is None:
             os.unlink(action.dst)
             checkpoint()
             fsync_folder(os.path.dirname(action.dst))
             self._undone(action, "removed")
             return "removed", None
-        self._undone(action, "kept: changed since the sort")
-        return "kept: changed since the sort", action.dst
+        self._undone(action, kept)
+        return kept, action.dst
+
+    def _why_keep(self, action: Action) -> str | None:
+        """Why the copy or link made by `action` must stay, or None: it may go."""
+        if not self._unchanged(action):
+            return "kept: changed since the sort"
+        if self.mode == "copy" and not same_content(action.src, action.dst):
+            # the user deleted (or edited) the original since: this copy may be the only one
+            return "kept: the original is gone or changed since, so this copy stays"
+        return None
 
     def _unchanged(self, action: Action) -> bool:
         done = action.done or {}
