@@ -71,6 +71,7 @@ OtherOpt = Annotated[
     Optional[str],
     typer.Option(
         "--other",
+        metavar="LABELS",
         help='Comma-separated background labels, e.g. "a photo of something else": scored with '
         'the others, and when one wins the image gets "label": null. Never listed in top.',
     ),

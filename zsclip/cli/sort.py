@@ -61,7 +61,11 @@ def sort_command(
     inputs: InputsArg = None,
     to: Annotated[
         Optional[Path],
-        typer.Option("--to", help="Destination folder: one subfolder per label, and unsure/."),
+        typer.Option(
+            "--to",
+            metavar="DEST",
+            help="Destination folder: one subfolder per label, and unsure/.",
+        ),
     ] = None,
     labels: LabelsOpt = None,
     labels_file: LabelsFileOpt = None,
@@ -83,6 +87,7 @@ def sort_command(
         Optional[Path],
         typer.Option(
             "--undo",
+            metavar="MANIFEST",
             help="Put back everything the sort of this manifest did (DEST/.zsclip-sort/*.jsonl).",
         ),
     ] = None,
