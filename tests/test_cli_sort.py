@@ -86,6 +86,20 @@ def test_move_with_min_score_sends_the_unsure_to_unsure(photos: Path, tmp_path: 
     assert 0 < sum(row["label"] is None for row in placed) < 8
 
 
+def test_the_same_move_run_again_reports_the_files_it_moved(photos: Path, tmp_path: Path) -> None:
+    """A crash can fall after the manifest's end record and before the exit: the same command
+    again must not fail on the INPUTs it already moved; it reports where they went."""
+    dest = tmp_path / "sorted"
+    files = sorted(str(path) for path in photos.glob("*.png"))
+    first = sort(*files, "--to", str(dest), "-L", LABELS, "--move")
+    again = sort(*files, "--to", str(dest), "-L", LABELS, "--move")
+    assert (first.code, again.code) == (0, 0), again.stderr
+    moved = {row["path"]: row["to"] for row in rows(first)}
+    assert {row["path"]: row["to"] for row in rows(again)} == moved
+    assert {row["action"] for row in rows(again)} == {"already"}
+    assert len(list((dest / ".zsclip-sort").glob("*.jsonl"))) == 1  # nothing to journal
+
+
 def test_link_makes_symlinks_to_the_images(photos: Path, tmp_path: Path) -> None:
     dest = tmp_path / "sorted"
     placed = rows(sort(str(photos), "--to", str(dest), "-L", LABELS, "--link"))

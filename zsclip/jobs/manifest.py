@@ -397,9 +397,8 @@ def _step(check: _Checker, manifest: Manifest, action: Action, op: str, record: 
         raise check.fail(f"unknown record {op!r}")
 
 
-def unfinished(dest: str) -> list[Manifest]:
-    """The manifests in DEST/.zsclip-sort/ whose sort never ended and was not undone, oldest
-    first."""
+def manifests(dest: str) -> list[Manifest]:
+    """Every manifest in DEST/.zsclip-sort/, oldest first."""
     folder = manifest_folder(dest)
     try:
         names = sorted(name for name in os.listdir(folder) if name.endswith(".jsonl"))
@@ -407,14 +406,17 @@ def unfinished(dest: str) -> list[Manifest]:
         return []
     except OSError as err:
         raise UserError(f"cannot read {folder}: {err.strerror or err}") from None
-    found = []
-    for name in names:
-        if not _STEM.fullmatch(name[: -len(".jsonl")]):
-            continue
-        manifest = read_manifest(os.path.join(folder, name))
-        if not manifest.ended and not manifest.undo_started:
-            found.append(manifest)
-    return found
+    return [
+        read_manifest(os.path.join(folder, name))
+        for name in names
+        if _STEM.fullmatch(name[: -len(".jsonl")])
+    ]
+
+
+def unfinished(dest: str) -> list[Manifest]:
+    """The manifests in DEST/.zsclip-sort/ whose sort never ended and was not undone, oldest
+    first."""
+    return [m for m in manifests(dest) if not m.ended and not m.undo_started]
 
 
 @contextlib.contextmanager

@@ -97,6 +97,9 @@ class Sorter:
     note: Callable[[str], None] = lambda message: None
     manifest: Manifest | None = None
     handled: dict[str, Action] = field(default_factory=dict)  # source -> its finished step
+    # moves finished by earlier runs of the same request that ended (a crash after the end record,
+    # or the same command run twice): their sources are gone, and that is no error
+    earlier: dict[str, Action] = field(default_factory=dict)
     _journal: Journal | None = None
     _lock: contextlib.ExitStack | None = None
     _taken: set[str] = field(default_factory=set)  # names planned by a dry run
@@ -112,11 +115,13 @@ class Sorter:
                 self.note(f"an interrupted sort ({old.path}) would be finished first")
                 if self._matches(old):
                     self._adopt(old)
+            self._remember_earlier()
             return self
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(journal_format.locked(dest))
         try:
             self._recover()
+            self._remember_earlier()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -154,6 +159,11 @@ class Sorter:
             else:
                 journal.append({"op": "end", "recovered": True})
                 journal.close()
+
+    def _remember_earlier(self) -> None:
+        for old in journal_format.manifests(self.settings.dest):
+            if old.ended and not old.undo_started and self._matches(old) and old.mode == "move":
+                self.earlier.update((a.src, a) for a in old.actions.values() if a.done is not None)
 
     def _open_journal(self) -> Journal:
         if self._journal is None:
@@ -200,14 +210,20 @@ class Sorter:
         self._roots = _roots(os.path.abspath(item.path) for item in pending)
         return pending, rows
 
+    def _done_before(self, path: str) -> Action | None:
+        source = os.path.abspath(path)
+        return self.handled.get(source) or self.earlier.get(source)
+
     def missing_but_done(self, path: str) -> bool:
-        """An INPUT that is gone because an interrupted run already moved it."""
-        return not os.path.lexists(path) and os.path.abspath(path) in self.handled
+        """An INPUT that is gone because an earlier (perhaps interrupted) run of the same sort
+        moved it."""
+        return not os.path.lexists(path) and self._done_before(path) is not None
 
     def done_rows(self, paths: Iterable[str]) -> list[SortRow]:
         rows = []
         for path in paths:
-            done = self.handled[os.path.abspath(path)]
+            done = self._done_before(path)
+            assert done is not None
             rows.append(SortRow(path, done.label, done.score, done.dst, "already"))
         return rows
 
