@@ -214,11 +214,6 @@ def test_no_permission_gives_error_rows_even_as_root(model: str, tmp_path: Path)
     assert "Traceback" not in done.stderr and not any(cache.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in the up-front INPUT check (zsclip/jobs/inputs.py): a file inside a folder that "
-    "cannot be entered (stat fails with EACCES) is called 'no such file or folder', exit 2",
-)
 def test_a_file_in_a_folder_that_cannot_be_entered_is_not_called_missing(
     model: str, tmp_path: Path
 ) -> None:
@@ -233,3 +228,6 @@ def test_a_file_in_a_folder_that_cannot_be_entered_is_not_called_missing(
     finally:
         (tmp_path / "shut").chmod(0o755)
     assert "no such file" not in done.stderr and "ermission denied" in done.stderr, done.stderr
+    assert done.returncode == 1  # an error row, as for any unreadable input; not a usage error
+    (row,) = map(json.loads, done.stdout.splitlines())
+    assert "ermission denied" in row["error"]

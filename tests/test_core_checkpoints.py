@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zsclip.core.checkpoints import load_model, save_checkpoint
+from zsclip.core.safetensors_io import read_metadata
 from zsclip.core.transform import Preprocess
 from zsclip.errors import UserError
 
@@ -253,6 +254,22 @@ def test_convert_then_load_round_trips(hf_folder, reference, tmp_path, standard_
     )
     assert result.returncode == 0, result.stderr
     loaded = load_model(tmp_path / "converted.safetensors", vocab=standard_vocab_path)
+    _assert_matches(_ours(loaded), reference)
+
+
+def test_a_converted_file_carries_its_vocabulary(
+    hf_folder, reference, tmp_path, monkeypatch, standard_vocab_path
+):
+    # The standard vocabulary is stored, not just named: the file loads with no vocabulary file
+    # anywhere and the network refused.
+    destination = tmp_path / "converted.safetensors"
+    command = [sys.executable, "-m", "zsclip", "convert", str(hf_folder), str(destination)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert read_metadata(destination)["tokenizer"] == "bpe"
+    monkeypatch.setenv("ZSCLIP_CACHE", str(tmp_path / "empty-cache"))
+    loaded = load_model(destination, offline=True)
+    assert loaded.tokenizer.is_standard()
     _assert_matches(_ours(loaded), reference)
 
 

@@ -61,6 +61,7 @@ def convert(
             preprocess=loaded.preprocess,
             tokenizer=loaded.tokenizer,
             metadata=keep,
+            self_contained=True,  # a converted file needs no vocabulary beside it, ever
         )
     note(
         f"wrote {destination} ({count_parameters(loaded.model):,} parameters, "

@@ -127,7 +127,7 @@ def embed(
         )
     else:
         decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess)
-        images_cache = image_cache_for(loaded, decode, dtype, enabled=cache, warn=warn)
+        images_cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=cache, warn=warn)
         encoder = ImageEncoder(
             loaded.model,
             loaded.preprocess,

@@ -63,9 +63,11 @@ def save_checkpoint(
     preprocess: PreprocessConfig,
     tokenizer: Tokenizer,
     metadata: dict[str, str] | None = None,
+    self_contained: bool = False,
 ) -> None:
     """Write `model` as a self-describing zsclip .safetensors file, atomically (temporary file, then
-    rename)."""
+    rename). `self_contained` stores the tokenizer's merges even when they are the standard
+    vocabulary's (otherwise named only, and found or fetched on load)."""
     from zsclip.core.safetensors_io import write_safetensors
 
     header = {
@@ -74,7 +76,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict()),
         "preprocess": json.dumps(preprocess.to_dict()),
-        **tokenizer.to_metadata(),
+        **tokenizer.to_metadata(self_contained=self_contained),
     }
     write_safetensors(path, model.state_dict(), header)
 

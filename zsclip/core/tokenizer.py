@@ -348,11 +348,13 @@ class Tokenizer:
             )
         return self._standard
 
-    def to_metadata(self) -> dict[str, str]:
-        """String-valued entries for a safetensors header: the standard name, or the merges themselves."""
+    def to_metadata(self, *, self_contained: bool = False) -> dict[str, str]:
+        """String-valued entries for a safetensors header: the standard vocabulary's name, or the
+        merges themselves. `self_contained` stores even the standard merges (1.3 MiB of header), so
+        that the file loads where the standard vocabulary cannot be found or fetched."""
         meta = (
             {"tokenizer": STANDARD_NAME}
-            if self.is_standard()
+            if self.is_standard() and not self_contained
             else {
                 "tokenizer": "bpe",
                 "tokenizer.merges": "\n".join(f"{a} {b}" for a, b in self.merges),

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import torch
 
     from zsclip.core.checkpoints import LoadedModel
-    from zsclip.jobs.pipeline import DecodeOptions
 
 Warn = Callable[[str], None]
 
@@ -436,14 +435,15 @@ def _is_read_only(err: BaseException) -> bool:
 
 def image_cache_for(
     loaded: "LoadedModel",
-    decode: "DecodeOptions",
+    draft_size: int | None,
     dtype: "torch.dtype",
     *,
     enabled: bool = True,
     warn: Warn = lambda message: None,
 ) -> "ImageCache | None":
-    """The image-embedding cache for this model, preprocessing and precision; None when disabled or
-    when the model has no file to identify it by."""
+    """The image-embedding cache for this model, preprocessing (with the JPEG draft size the decoding
+    uses, None for exact decoding) and precision; None when disabled or when the model has no file
+    to identify it by."""
     if not enabled:
         return None
     from zsclip.core.devices import precision_name
@@ -452,6 +452,6 @@ def image_cache_for(
     if model_id is None:
         return None
     variant = image_variant(
-        model_id, loaded.preprocess.to_dict(), decode.draft_size, precision_name(dtype)
+        model_id, loaded.preprocess.to_dict(), draft_size, precision_name(dtype)
     )
     return ImageCache(variant, warn=warn, dim=loaded.model.config.embed_dim)

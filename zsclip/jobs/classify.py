@@ -296,7 +296,7 @@ def start(
         predictions = tagged(predictions, request.options.multi_label, request.xmp)
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode, dtype, enabled=request.use_cache, warn=warn)
+    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
         loaded.model,
         loaded.preprocess,

@@ -58,7 +58,7 @@ def read_stdin_paths(stream: TextIO) -> list[str]:
 def _missing_arguments(args: Sequence[str]) -> None:
     """A path named on the command line that does not exist at all is a typo: a usage error before any
     work. (A dangling symlink exists; it becomes an error row like any unreadable input.)"""
-    missing = [arg for arg in args if arg != "-" and not os.path.lexists(arg)]
+    missing = [arg for arg in args if arg != "-" and _does_not_exist(arg)]
     if missing:
         names = ", ".join(repr(arg) for arg in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -66,6 +66,22 @@ def _missing_arguments(args: Sequence[str]) -> None:
             f"INPUT {names}{more}: no such file or folder (check the spelling; `-` reads paths "
             "from stdin)"
         )
+
+
+def _does_not_exist(path: str) -> bool:
+    """True only when the file system says so (ENOENT, ENOTDIR): a path it may not look at (a folder
+    that cannot be entered) exists and becomes an error row that says why."""
+    try:
+        os.lstat(path)
+        return False
+    except FileNotFoundError:
+        return True
+    except NotADirectoryError:
+        return True
+    except OSError:  # permission denied, name too long, ...: reported on its row
+        return False
+    except ValueError:  # embedded NUL byte
+        return True
 
 
 def _link_problem(path: str) -> str | None:

@@ -363,8 +363,8 @@ def _from_state(state: dict, source: str) -> tuple[Any, Any, Any, dict[str, str]
     except NeedsStandardVocab:
         tokenizer = find_vocab(None, None)
         tokenizer.context_length = model.config.text.context_length
-    except UserError:
-        raise
+    except UserError as err:  # the tokenizer's own reason, with the state file it came from
+        raise ts.damaged_state(source, f"tokenizer: {err}") from None
     except Exception as err:  # noqa: BLE001 - whatever a damaged tokenizer entry raises
         raise ts.damaged_state(source, f"tokenizer: {type(err).__name__}") from None
     if tokenizer is None or tokenizer.vocab_size != model.config.text.vocab_size:
