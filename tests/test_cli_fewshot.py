@@ -304,3 +304,13 @@ def test_without_labels_the_example_folders_are_the_labels(world: Path) -> None:
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert sorted(t["label"] for t in rows[0]["top"]) == sorted(LABELS)
     assert accuracy(rows) >= 0.75
+
+
+def test_background_labels_are_scored_zero_shot_beside_a_head(world: Path) -> None:
+    rows, _ = classify(world, "--examples", str(world / "examples"), "--other", "purple star")
+    assert all("other" in row for row in rows)  # the background label competes in the softmax
+    assert {row["label"] for row in rows} <= {*LABELS, None}
+    assert all(
+        sum(t["score"] for t in row["top"]) + row["other"] == pytest.approx(1, abs=1e-4)
+        for row in rows
+    )  # one softmax over the head's 5 labels and the background label

@@ -29,6 +29,8 @@ from zsclip.cli import (
     models,
     serve,
     shapes,
+    sort,
+    tags,
     train,
 )
 from zsclip.cli._help import WordedGroup
@@ -50,7 +52,20 @@ app = typer.Typer(
 
 # Order here is the order in `zsclip --help`; `evaluate` is the `eval` command, `models` also holds
 # `download`.
-for _command in (classify, embed, train, evaluate, fit, shapes, models, convert, config, serve):
+for _command in (
+    classify,
+    sort,
+    tags,
+    embed,
+    train,
+    evaluate,
+    fit,
+    shapes,
+    models,
+    convert,
+    config,
+    serve,
+):
     _command.register(app)
 
 
