@@ -38,6 +38,8 @@ class LocalServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.rules: dict[str, dict] = {}
+        self.headers: dict[str, str] = {}  # sent with every answer (e.g. a Hub's X-Repo-Commit)
+        self.missing_headers: dict[str, str] = {}  # sent with every 404
         self.log: list[dict] = []
         self._lock = threading.Lock()
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -88,8 +90,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
         data = server.files.get(self.path)
         if data is None:
-            return self._reply(entry, 404, {}, b"not found", send_body)
-        start, status, extra = 0, 200, dict(rule.get("headers", {}))
+            return self._reply(entry, 404, dict(server.missing_headers), b"not found", send_body)
+        start, status, extra = 0, 200, {**server.headers, **rule.get("headers", {})}
         match = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
         if match and not rule.get("ignore_range"):
             start = int(match.group(1))

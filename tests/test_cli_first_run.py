@@ -183,9 +183,9 @@ def test_models_describe_each_model_in_a_few_words() -> None:
     assert rows["ViT-B/32"]["description"] == "real CLIP: the usual start on a CPU"
     assert all(row["description"] for row in rows.values())
     table = run_cli(["models"]).stdout.splitlines()
-    assert table[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH"]
+    assert table[0].split() == ["NAME", "KIND", "SIZE", "TOP1", "PARAMS", "FOUND", "ABOUT", "PATH"]
     assert re.match(
-        r"zsclip-shapes +builtin +8\.7 MiB +yes +demo: coloured shapes only +/", table[1]
+        r"zsclip-shapes +builtin +8\.7 MiB +- +- +built-in +demo: coloured shapes only +/", table[1]
     )
 
 

@@ -56,11 +56,12 @@ def test_models_json_lists_every_name_uncached():
     rows = json.loads(result.stdout)
     assert [row["name"] for row in rows if row["kind"] == "openai"] == NINE
     assert [row["name"] for row in rows if row["kind"] == "vocab"] == ["vocab"]
-    cache = Path(os.environ["ZSCLIP_CACHE"])
+    keys = {"name", "kind", "size", "cached", "path", "found_in", "url", "description"}
     for row in rows:
-        assert set(row) == {"name", "kind", "size", "cached", "path", "url", "description"}
-        assert row["cached"] is False and Path(row["path"]).is_relative_to(cache)
-    assert next(row for row in rows if row["name"] == "ViT-B/32")["size"] == 353_976_522
+        assert set(row) == keys | {"top1", "params", "image_size"}
+        assert row["cached"] is False and row["path"] is None and row["found_in"] is None
+    vit = next(row for row in rows if row["name"] == "ViT-B/32")
+    assert vit["size"] == 353_976_522 and vit["top1"] == 63.32 and vit["params"] == 151_277_313
 
 
 def test_models_json_shows_builtin_and_cached_files(tmp_path):
@@ -76,10 +77,15 @@ def test_models_json_shows_builtin_and_cached_files(tmp_path):
         "size": 5,
         "cached": True,
         "path": str(tmp_path / "weights" / "shapes.safetensors"),
+        "found_in": "built in",
         "url": None,
+        "top1": None,
+        "params": None,
+        "image_size": None,
         "description": "built-in model",  # its header is unreadable: no description of its own
     }
     assert rows["ViT-B/16"]["cached"] is True and rows["ViT-B/16"]["path"] == str(cached)
+    assert rows["ViT-B/16"]["found_in"] == "zsclip cache"
     assert rows["ViT-B/16"]["size"] == 10 and rows["ViT-B/32"]["cached"] is False
 
 
@@ -87,10 +93,13 @@ def test_models_table_is_plain_text_with_a_header():
     result = invoke("models")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH"]
-    assert len(lines) == 1 + len(NINE) + 1
+    assert lines[0].split() == ["NAME", "KIND", "SIZE", "TOP1", "PARAMS", "FOUND", "ABOUT", "PATH"]
+    hf_names = [e.name for e in hub.ENTRIES.values() if e.kind == "hf"]
+    assert len(lines) == 1 + len(NINE) + len(hf_names) + 1
     assert "\x1b" not in result.stdout
-    assert lines[6].split()[:5] == ["ViT-B/32", "openai", "337.6", "MiB", "no"]
+    assert lines[6].split()[:7] == ["ViT-B/32", "openai", "337.6", "MiB", "63.3", "151M", "-"]
+    dfn = next(line for line in lines if line.startswith("ViT-H-14-dfn5b "))
+    assert dfn.split()[:7] == ["ViT-H-14-dfn5b", "hf", "3.67", "GiB", "83.4", "986M", "-"]
 
 
 def test_models_rejects_an_unknown_format():

@@ -284,6 +284,33 @@ def test_classify_server_output_is_the_local_output(plain: Served, tmp_path: Pat
     assert remote_env.code == 0 and json.loads(remote_env.stdout)["label"] == "red heart"
 
 
+def test_min_score_and_xmp_through_the_server_match_the_local_run(
+    plain: Served, tmp_path: Path
+) -> None:
+    """--min-score is applied by the server, --xmp sidecars are written here: the same rows and
+    the same sidecars as a local run; --other is refused in one line."""
+    folder = tmp_path / "photos"
+    shutil.copytree(EXAMPLES, folder)
+    url = f"http://127.0.0.1:{plain.port}"
+    labels = "blue circle,red heart,green star,orange triangle"
+    for options in (["--min-score", "0.9"], ["--multi-label", "--min-score", "0.7"]):
+        args = ["classify", str(folder), "-l", labels, "-f", "jsonl", "-q", "--xmp", *options]
+        local = run_cli(args)
+        sidecars = {path.name: path.read_bytes() for path in folder.glob("*.xmp")}
+        for path in folder.glob("*.xmp"):
+            path.unlink()
+        remote = run_cli([*args, "--server", url])
+        assert (remote.code, remote.stdout) == (local.code, local.stdout) == (0, local.stdout)
+        assert {path.name: path.read_bytes() for path in folder.glob("*.xmp")} == sidecars
+        rows = [json.loads(line) for line in local.stdout.splitlines()]
+        assert any(row["label"] is None for row in rows) and sidecars  # both kinds of image
+        assert len(sidecars) == sum(row["label"] is not None for row in rows)
+        for path in folder.glob("*.xmp"):
+            path.unlink()
+    refused = run_cli([*args, "--other", "yellow square", "--server", url])
+    assert refused.code == 2 and "--other does not work with --server" in refused.stderr
+
+
 def test_classify_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

@@ -43,6 +43,7 @@ class RemoteClassify:
     multi_label: bool
     threshold: float | None  # None: the server's model default
     exact_preprocess: bool
+    min_score: float | None = None  # a best score below this: "label": null (the server applies it)
     # images per request, at most: as many as a local run puts in one forward pass, so that a lone
     # client's batches on the server are the local ones (floating-point results depend, in the last
     # bits, on how many images share a forward pass)
@@ -181,6 +182,8 @@ def _fields(request: RemoteClassify) -> dict:
         fields["threshold"] = request.threshold
     if request.exact_preprocess:
         fields["exact_preprocess"] = True
+    if request.min_score is not None:
+        fields["min_score"] = request.min_score
     return fields
 
 
@@ -237,16 +240,25 @@ def _send(server, slots, fields, warn, warned: set[str]) -> Iterator[Prediction]
                 warned.add(message)
                 warn(message)
     answers = iter(rows)
+    min_score = fields.get("min_score")
     for slot in slots:
-        yield slot if isinstance(slot, Prediction) else _prediction(slot[0], next(answers))
+        yield (
+            slot if isinstance(slot, Prediction) else _prediction(slot[0], next(answers), min_score)
+        )
 
 
-def _prediction(path: str, row: dict) -> Prediction:
-    """A server row back as the Prediction a local run makes, under this machine's path."""
+def _prediction(path: str, row: dict, min_score: float | None = None) -> Prediction:
+    """A server row back as the Prediction a local run makes, under this machine's path (the labels
+    of `top` reaching `min_score` are the accepted ones, as zsclip.jobs.classify.judged counts)."""
     if row.get("error") is not None:
         return Prediction(path, error=str(row["error"]))
     top = [(str(entry["label"]), float(entry["score"])) for entry in row.get("top") or []]
-    return Prediction(path, top, unsure=bool(top) and row.get("label") is None)
+    passing = None
+    if min_score is not None:
+        passing = next((n for n, (_, score) in enumerate(top) if score < min_score), len(top))
+    if top and row.get("label") is None:
+        passing = 0
+    return Prediction(path, top, passing=passing)
 
 
 def _json(fields: dict) -> bytes:

@@ -58,7 +58,7 @@ def _card(prediction: "Prediction") -> str:
     elif not prediction.top:
         body = '<div class="none">no label above the threshold</div>'
     else:
-        rows = []
+        rows = ['<div class="none">unsure: no label accepted</div>'] if prediction.unsure else []
         for rank, (label, score) in enumerate(prediction.top):
             rows.append(
                 f'<div class="row{" first" if rank == 0 else ""}"><span>{_shown(label)}</span>'
@@ -76,7 +76,8 @@ def summary_counts(
     for prediction in predictions:
         if prediction.error is None:
             counts.update(
-                label for label, _ in (prediction.top if multi_label else prediction.top[:1])
+                label
+                for label, _ in (prediction.accepted if multi_label else prediction.accepted[:1])
             )
     return counts
 
@@ -89,6 +90,9 @@ def _summary(predictions: Sequence["Prediction"], labels: Sequence[str], multi_l
         f"</td></tr>"
         for label, count in counts.most_common()
     ]
+    unsure = sum(p.unsure for p in predictions)
+    if unsure:
+        rows.append(f'<tr><td class="none">unsure</td><td>{unsure}</td><td></td></tr>')
     errors = sum(p.error is not None for p in predictions)
     if errors:
         rows.append(f'<tr><td class="error">could not be read</td><td>{errors}</td><td></td></tr>')

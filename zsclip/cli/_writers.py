@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from zsclip.errors import UserError
 from zsclip.escapes import csv_text, for_display, json_text
@@ -87,28 +87,46 @@ class JsonlPredictions:
 
 class DelimitedPredictions:
     """csv or tsv: path,label,score,label_2,score_2,...,error -- quoted wherever a field needs it; the
-    bytes of a name that are not UTF-8 are written as \\xNN (zsclip.escapes.csv_text)."""
+    bytes of a name that are not UTF-8 are written as \\xNN (zsclip.escapes.csv_text).
 
-    def __init__(self, stream: IO[str], top_k: int, delimiter: str) -> None:
-        self.stream, self.top_k = stream, top_k
+    `label` and `score` are the answer, empty when none was accepted; label_2... are the runners-up.
+    `extra` columns go before `error`: best,best_score (the top label whether accepted or not, with
+    --min-score or --other) and other (the best background label's score, with --other)."""
+
+    def __init__(
+        self, stream: IO[str], top_k: int, delimiter: str, extra: tuple[str, ...] = ()
+    ) -> None:
+        self.stream, self.top_k, self.extra = stream, top_k, extra
         self.writer = csv.writer(
             stream, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, lineterminator="\n"
         )
         header = ["path", "label", "score"]
         for rank in range(2, top_k + 1):
             header += [f"label_{rank}", f"score_{rank}"]
-        self.writer.writerow(header + ["error"])
+        self.writer.writerow(header + list(extra) + ["error"])
 
     def write(self, prediction: "Prediction") -> None:
         cells: list[str] = [csv_text(prediction.path)]
-        for rank in range(self.top_k):
+        answer = prediction.label
+        cells += ["", ""] if answer is None else [csv_text(answer), f"{prediction.score:.6f}"]
+        for rank in range(1, self.top_k):
             if rank < len(prediction.top):
                 label, score = prediction.top[rank]
                 cells += [csv_text(label), f"{score:.6f}"]
             else:
                 cells += ["", ""]
+        cells += [self._extra(name, prediction) for name in self.extra]
         self.writer.writerow(cells + [csv_text(prediction.error or "")])
         self.stream.flush()
+
+    @staticmethod
+    def _extra(name: str, prediction: "Prediction") -> str:
+        if name == "other":
+            return "" if prediction.other is None else f"{prediction.other:.6f}"
+        if not prediction.top:
+            return ""
+        best, best_score = prediction.top[0]
+        return csv_text(best) if name == "best" else f"{best_score:.6f}"
 
     def close(self) -> None:
         pass
@@ -130,6 +148,10 @@ class TablePredictions:
     def _cells(self, row: "Prediction") -> tuple[str, str, str, str]:
         if row.error is not None:
             return for_display(row.path), f"error: {for_display(row.error)}", "", ""
+        if row.unsure:  # scored, none accepted: every candidate is a runner-up
+            shown = row.top if row.other is None else [("(other)", row.other)] + row.top
+            rest = ", ".join(f"{for_display(label)} {score:.2f}" for label, score in shown)
+            return for_display(row.path), "(unsure)", "", rest
         rest = ", ".join(f"{for_display(label)} {score:.2f}" for label, score in row.top[1:])
         label = for_display(row.label) if row.label else "(none above threshold)"
         score = "" if row.score is None else f"{row.score:.3f}"
@@ -205,11 +227,12 @@ def shorten_left(path: str, width: int) -> str:
     return "…" + kept
 
 
-def prediction_writer(fmt: str, stream: IO[str], top_k: int):
+def prediction_writer(fmt: str, stream: IO[str], top_k: int, extra: tuple[str, ...] = ()):
+    """`extra`: the csv/tsv columns of DelimitedPredictions beyond the ranking."""
     if fmt == "jsonl":
         return JsonlPredictions(stream, top_k)
     if fmt in ("csv", "tsv"):
-        return DelimitedPredictions(stream, top_k, "," if fmt == "csv" else "\t")
+        return DelimitedPredictions(stream, top_k, "," if fmt == "csv" else "\t", extra)
     if fmt == "table":
         return TablePredictions(stream, top_k)
     raise UserError(f"unknown format {fmt!r}")
@@ -246,3 +269,78 @@ class EmbeddingStream:
 
     def close(self, ok: bool = True) -> None:
         pass
+
+
+# -----------------------------------------------------------------------------------------------
+# plain records (sort's rows)
+
+
+class RecordWriter:
+    """Flat records with fixed `columns`: jsonl (the keys that are set, in column order), csv/tsv
+    (a header, then every column), or a table for people printed at the end."""
+
+    def __init__(
+        self, fmt: str, stream: IO[str], columns: tuple[str, ...], shown: Any = None
+    ) -> None:
+        """`shown`: for the table, a function from a record to the {column: text} to show."""
+        if fmt not in PREDICTION_FORMATS:
+            raise UserError(f"unknown format {fmt!r}")
+        self.fmt, self.stream, self.columns = fmt, stream, columns
+        self.shown = shown or (lambda record: record)
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if fmt in ("csv", "tsv"):
+            delimiter = "," if fmt == "csv" else "\t"
+            self.writer = csv.writer(stream, delimiter=delimiter, lineterminator="\n")
+            self.writer.writerow(columns)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fmt == "jsonl":
+            self.stream.write(json_text(record) + "\n")
+        elif self.writer is not None:
+            self.writer.writerow([_cell(record.get(column)) for column in self.columns])
+        else:
+            self.rows.append(record)
+            return
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt != "table":
+            return
+        from rich.table import Table
+        from rich.text import Text
+
+        from zsclip.cli._output import stdout_console
+
+        console = stdout_console(self.stream)
+        shown = [self.shown(record) for record in self.rows]
+        columns = list(shown[0]) if shown else list(self.columns)
+        cells = [[_cell(row.get(column), for_display) for column in columns] for row in shown]
+        widths = [_widest(cells, index, name) for index, name in enumerate(columns)]
+        # paths (the first column, and "to") share what the other columns leave, shortened
+        # from the left, so the file names stay in sight
+        paths = [index for index, name in enumerate(columns) if index == 0 or name == "to"]
+        rest = sum(min(w, _LABEL_SHARE) for i, w in enumerate(widths) if i not in paths)
+        room = console.width - 3 * len(columns) - rest
+        # with two, the destination gets the larger share: its folder is the answer
+        budgets = {
+            i: max(_PATH_MIN, room * (2 if i else 1) // (3 if len(paths) > 1 else 1)) for i in paths
+        }
+        table = Table(show_edge=False, header_style="bold")
+        for index, column in enumerate(columns):
+            table.add_column(column, no_wrap=index in paths, overflow="fold")
+        for record, row in zip(self.rows, cells):
+            style = "red" if record.get("error") else ""
+            texts = [shorten_left(c, budgets[i]) if i in paths else c for i, c in enumerate(row)]
+            table.add_row(*(Text(text, style) for text in texts))
+        console.print(table)
+
+
+def _cell(value: Any, text=csv_text) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    if isinstance(value, (list, tuple)):
+        return "; ".join(text(str(item)) for item in value)
+    return text(str(value))

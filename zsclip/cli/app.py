@@ -26,10 +26,13 @@ from zsclip.cli import (
     duplicates,
     embed,
     evaluate,
+    fit,
     models,
     search,
     serve,
     shapes,
+    sort,
+    tags,
     train,
 )
 from zsclip.cli._help import WordedGroup
@@ -53,11 +56,14 @@ app = typer.Typer(
 # `download`.
 for _command in (
     classify,
+    sort,
+    tags,
     search,
     duplicates,
     embed,
     train,
     evaluate,
+    fit,
     shapes,
     models,
     convert,

@@ -9,6 +9,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from zsclip.cli._classifying import (
+    Choices,
+    LabelsFileOpt,
+    LabelsOpt,
+    MinScoreOpt,
+    MultiLabelOpt,
+    OtherFileOpt,
+    OtherOpt,
+    TemplatesOpt,
+    ThresholdOpt,
+    warn_about_labels,
+)
+from zsclip.cli._fewshot import ExamplesOpt, HeadOpt
 from zsclip.cli._options import (
     BatchSizeOpt,
     CacheOpt,
@@ -23,15 +36,17 @@ from zsclip.cli._options import (
     WorkersOpt,
 )
 
-MAX_WORDS_SHOWN = 8  # unknown label words named in the warning; the rest are counted
-
 EPILOG = """\b
 Examples:
   zsclip classify photos/ --labels "corgi,jazz album,mountain lake"
   find ~/Pictures -name '*.jpg' | zsclip classify - --labels-file classes.txt --format jsonl | jq .label
   zsclip classify photos/ -L classes.txt --multi-label --threshold 0.25 --report photos.html
   zsclip embed photos/ -o photos.npy && zsclip classify --embeddings photos.npy --labels "cat,dog"
+  zsclip classify photos/ -l "cat,dog" --min-score 0.6 --other "a photo of something else"
+  zsclip classify photos/ -L tags.txt --multi-label --xmp        # keywords for darktable, Lightroom
   zsclip classify photo.jpg --labels "cat,dog" --server http://127.0.0.1:8765   # a running `zsclip serve`
+  zsclip classify photos/ -L classes.txt --examples examples/    # examples/<label>/*.jpg: a few each
+  zsclip fit examples/ -L classes.txt -o head.safetensors && zsclip classify photos/ --head head.safetensors
 
 \b
 Multi-label scores are sigmoid(logit_scale * (cosine - threshold)): 0.5 at the threshold, one label at a time.
@@ -46,48 +61,17 @@ def register(app: typer.Typer) -> None:
 
 def classify(
     inputs: InputsArg = None,
-    labels: Annotated[
-        Optional[str],
-        typer.Option("--labels", "-l", help='Comma-separated labels, e.g. "corgi,jazz album".'),
-    ] = None,
-    labels_file: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--labels-file",
-            "-L",
-            help="One label per line (commas allowed); # starts a comment line.",
-        ),
-    ] = None,
-    templates: Annotated[
-        Optional[str],
-        typer.Option(
-            "--templates",
-            "-t",
-            help="Prompt template set: a name in prompts/ (photo, simple, plain, art, ...) or "
-            "a file with one template per line, {} for the label. Default: the model's own set, else photo.",
-        ),
-    ] = None,
+    labels: LabelsOpt = None,
+    labels_file: LabelsFileOpt = None,
+    templates: TemplatesOpt = None,
     model: ModelOpt = None,
     vocab: VocabOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels shown per image.")] = 5,
-    multi_label: Annotated[
-        bool,
-        typer.Option(
-            "--multi-label",
-            help="Score each label on its own (does the image show X?) instead of a softmax "
-            "over labels; lists every label that passes --threshold.",
-        ),
-    ] = False,
-    threshold: Annotated[
-        Optional[float],
-        typer.Option(
-            "--threshold",
-            min=-1.0,
-            max=1.0,
-            help="With --multi-label: the cosine similarity at which a label's "
-            "score is 0.5 (default: the model's, else 0.25).",
-        ),
-    ] = None,
+    multi_label: MultiLabelOpt = False,
+    threshold: ThresholdOpt = None,
+    min_score: MinScoreOpt = None,
+    other: OtherOpt = None,
+    other_file: OtherFileOpt = None,
     fmt: Annotated[
         Optional[str],
         typer.Option(
@@ -117,12 +101,23 @@ def classify(
             "instead of reading images.",
         ),
     ] = None,
+    examples: ExamplesOpt = None,
+    head: HeadOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
     batch_size: BatchSizeOpt = 32,
     workers: WorkersOpt = None,
     exact_preprocess: ExactPreprocessOpt = False,
     cache: CacheOpt = True,
+    xmp: Annotated[
+        bool,
+        typer.Option(
+            "--xmp",
+            help="Also write the accepted labels as keywords into an XMP sidecar beside each image "
+            "(IMG_1.jpg.xmp; an existing IMG_1.xmp is updated too), keeping what other programs "
+            "wrote there. The image itself is never changed; `zsclip tags --remove` takes them out.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     offline: OfflineOpt = False,
     server: Annotated[
@@ -142,23 +137,40 @@ def classify(
     get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
     ViT-B/32` makes it the default).
     """
+    from zsclip.cli._fewshot import FewShot, report_head, run_labels
     from zsclip.cli._output import stdout_is_terminal, warn
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
-    from zsclip.jobs.classify import ClassifyOptions, model_threshold
-    from zsclip.jobs.labels import resolve_labels
 
-    label_list = resolve_labels(labels, labels_file)
-    if threshold is not None and not multi_label:
-        raise UserError("--threshold only applies with --multi-label")
+    head_labels = head is not None and labels is None and labels_file is None  # the head's own
+    label_list = None if head_labels else run_labels(labels, labels_file, examples)
+    few, label_list = FewShot.check(examples, head, label_list, templates)
+    choices = Choices(
+        labels,
+        labels_file,
+        templates,
+        multi_label,
+        threshold,
+        min_score,
+        other,
+        other_file,
+        given=tuple(label_list),
+    )
+    label_list, others = choices.check()
     check_outputs({"--output": output, "--report": report}, to_stdout=output is None)
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
     if server:
         _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
+        _refuse_local_options(examples=examples, head=head)
         _refuse_local_options(precision=None if precision == "fp32" else precision)
+        if other is not None or other_file is not None:
+            raise UserError(
+                "--other does not work with --server yet (the server scores only --labels); "
+                "use --min-score, or classify here without --server"
+            )
     items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
@@ -175,9 +187,10 @@ def classify(
             threshold=threshold,
             exact_preprocess=exact_preprocess,
             batch_size=batch_size,
+            min_score=min_score,
         )
         sinks = _Sinks(chosen_format, output, report, quiet, thumbnails_from_files=True)
-        _classify_remote(server, items, request, sinks)
+        _classify_remote(server, items, request, sinks, xmp)
         return
 
     from zsclip.cli._report import THUMBNAIL_SIZE
@@ -194,28 +207,39 @@ def classify(
         quiet=quiet,
         announce=False,
     )
-    _warn_about_labels(loaded, label_list, multi_label, quiet)
-    default_threshold = model_threshold(loaded.metadata)
+    taught = {label for label, count in zip(label_list, few.counts(label_list)) if count}
+    warn_about_labels(loaded, label_list, multi_label, quiet, others, taught)
+    decode = DecodeOptions.for_model(
+        loaded.preprocess.image_size,
+        exact=exact_preprocess,
+        thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
+    )
+    workers = default_workers() if workers is None else workers
+    template_choice = few.templates(loaded, templates)
     request = job.ClassifyRequest(
         labels=label_list,
-        templates=templates,
+        templates=template_choice,
         items=items,
         embeddings=embeddings,
-        options=ClassifyOptions(
-            top_k=top_k,
-            multi_label=multi_label,
-            threshold=default_threshold if threshold is None else threshold,
-        ),
+        options=choices.options(loaded, top_k),
         batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
-        decode=DecodeOptions.for_model(
-            loaded.preprocess.image_size,
-            exact=exact_preprocess,
-            thumbnail_size=THUMBNAIL_SIZE if report is not None else None,
-        ),
+        workers=workers,
+        decode=decode,
         use_cache=cache,
+        xmp=xmp,
+        examples=few.source(
+            template_choice, decode, batch_size=batch_size, workers=workers, use_cache=cache
+        ),
+        head=few.head,
     )
     run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
+    report_head(
+        run.head,
+        source=f"--head {head}" if head is not None else "--examples",
+        multi_label=multi_label,
+        threshold=request.options.threshold,
+        quiet=quiet,
+    )
     sinks = _Sinks(
         chosen_format, output, report, quiet, thumbnails_from_files=embeddings is not None
     )
@@ -236,15 +260,19 @@ def _refuse_local_options(**given) -> None:
             )
 
 
-def _classify_remote(url: str, items, request, sinks: _Sinks) -> None:
-    """--server: the same rows, written the same way, from a running `zsclip serve`."""
+def _classify_remote(url: str, items, request, sinks: _Sinks, xmp: bool) -> None:
+    """--server: the same rows, written the same way, from a running `zsclip serve` (--xmp
+    sidecars are written here, beside the images)."""
     from zsclip.cli._output import warn
     from zsclip.cli._remote import classify_remote
-    from zsclip.jobs.classify import ClassifyOptions
+    from zsclip.jobs.classify import ClassifyOptions, tagged
 
     run = classify_remote(url, items, request, warn)
-    options = ClassifyOptions(top_k=request.top_k, multi_label=request.multi_label)
-    _write(run.predictions, run.total, request.labels, options, sinks, run.model)
+    options = ClassifyOptions(
+        top_k=request.top_k, multi_label=request.multi_label, min_score=request.min_score
+    )
+    predictions = tagged(run.predictions, options.multi_label, xmp)
+    _write(predictions, run.total, request.labels, options, sinks, run.model)
 
 
 @dataclass(frozen=True)
@@ -258,36 +286,6 @@ class _Sinks:
     thumbnails_from_files: bool  # no images were decoded here: report thumbnails read the files
 
 
-def _warn_about_labels(loaded, label_list: list[str], multi_label: bool, quiet: bool) -> None:
-    """Before any result: labels the model never learnt a word of (a model that lists the words of
-    its training captions, such as the built-in one), and a lone label under softmax."""
-    from zsclip.cli._output import warn
-    from zsclip.cli._runtime import REAL_CLIP, announce_builtin, real_clip_hint
-    from zsclip.jobs.labels import unknown_words
-
-    unknown = unknown_words(label_list, loaded.metadata.get("caption_words", ""))
-    if unknown:
-        shown = ", ".join(repr(word) for word in unknown[:MAX_WORDS_SHOWN])
-        more = (
-            f" and {len(unknown) - MAX_WORDS_SHOWN} more" if len(unknown) > MAX_WORDS_SHOWN else ""
-        )
-        description = loaded.metadata.get("description")
-        model = f"the {'built-in ' if loaded.builtin else ''}model {loaded.name}"
-        model += f" ({description})" if description else ""
-        warn(f"{model} never learnt the word(s) {shown}{more}: its scores for them mean nothing")
-        warn(
-            f"for a real CLIP use {real_clip_hint()}; "
-            f"`zsclip config set model {REAL_CLIP}` makes it the default"
-        )
-    else:
-        announce_builtin(loaded, quiet)
-    if len(label_list) == 1 and not multi_label:
-        warn(
-            "with one label every image scores 1.0 (a softmax over one label); add labels to choose "
-            "among, or use --multi-label to ask whether each image shows it"
-        )
-
-
 def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
     """Write every prediction, then the report; exit status 1 when some inputs could not be read."""
     from zsclip.cli._runtime import finish, output_stream, write_rows
@@ -295,7 +293,9 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
 
     kept: list = []
     with output_stream(sinks.output) as stream:
-        writer = prediction_writer(sinks.fmt, stream, min(options.top_k, len(label_list)))
+        writer = prediction_writer(
+            sinks.fmt, stream, min(options.top_k, len(label_list)), _judging_columns(options)
+        )
 
         def write(prediction) -> None:
             writer.write(prediction)
@@ -308,7 +308,7 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
             total=total,
             description="classifying",
             quiet=sinks.quiet,
-            error_of=lambda p: None if p.error is None else (p.path, p.error),
+            error_of=_failure_of,
         )
         writer.close()
     if sinks.report is not None:
@@ -321,6 +321,25 @@ def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_na
             sinks.thumbnails_from_files,
         )
     finish(failures, total, sinks.quiet)
+
+
+def _judging_columns(options) -> tuple[str, ...]:
+    """The csv/tsv columns that --min-score and --other add (zsclip.cli._writers)."""
+    columns: tuple[str, ...] = ()
+    if options.min_score is not None or options.others:
+        columns += ("best", "best_score")
+    if options.others:
+        columns += ("other",)
+    return columns
+
+
+def _failure_of(prediction) -> tuple[str, str] | None:
+    """An input that could not be read, or whose sidecar could not be written (--xmp)."""
+    if prediction.error is not None:
+        return prediction.path, prediction.error
+    if prediction.sidecar_error is not None:
+        return prediction.path, prediction.sidecar_error
+    return None
 
 
 def _write_report(path, predictions, label_list, model_name, multi_label, from_files) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from zsclip.cli._fewshot import ExamplesOpt, HeadOpt
 from zsclip.cli._options import (
     BatchSizeOpt,
     DeviceOpt,
@@ -23,10 +24,12 @@ Examples:
   zsclip eval shapes/heldout --labels-file shapes/labels.txt
   zsclip eval photos/by-class --model ViT-B/32 --templates photo --format table
   zsclip eval --pairs val.tsv --model runs/x/model.safetensors
+  zsclip eval shapes/heldout -L shapes/labels.txt --examples examples/   # few-shot: examples/<label>/*.png
 
 \b
 JSON keys: top1, top5, mean_per_class_recall, n, classes; with --pairs: image_to_text_R@{1,5,10},
-text_to_image_R@{1,5,10}, n."""
+text_to_image_R@{1,5,10}, n. With --examples or --head the scores are the few-shot head's, plus
+zeroshot_top1 and examples (how many it was fitted on)."""
 
 
 def eval_command(
@@ -60,6 +63,8 @@ def eval_command(
             "else photo.",
         ),
     ] = None,
+    examples: ExamplesOpt = None,
+    head: HeadOpt = None,
     model: ModelOpt = None,
     vocab: VocabOpt = None,
     fmt: Annotated[
@@ -94,17 +99,27 @@ def eval_command(
     fmt = fmt or ("table" if stdout_is_terminal() else "json")
     if fmt not in ("json", "table"):
         raise UserError(f"unknown --format {fmt!r}: use json or table")
-    if pairs is not None and (labels_file is not None or templates is not None):
-        raise UserError("--labels-file and --templates apply to class folders, not to --pairs")
+    if examples is not None and head is not None:
+        raise UserError("give --examples DIR (fit now) or --head FILE (fitted before), not both")
+    if pairs is not None and (labels_file is not None or templates is not None or examples or head):
+        raise UserError(
+            "--labels-file, --templates, --examples and --head apply to class folders, not to --pairs"
+        )
+    from zsclip.cli._fewshot import FewShot
     from zsclip.core.devices import autocast
     from zsclip.jobs import evaluate
 
-    # The cheap checks (folders, labels, pairs file) come before the model is loaded.
+    # The cheap checks (folders, labels, examples, head, pairs file) come before the model is loaded.
+    few = FewShot()
     if folder is not None:
         from zsclip.jobs.labels import read_labels_file
 
         labels = read_labels_file(labels_file) if labels_file is not None else None
+        if head is not None:  # its labels are the candidates, unless a labels file names them
+            few, labels = FewShot.check(None, head, labels, templates)
         task: Any = evaluate.ZeroShotSet.from_folder(folder, labels, None)
+        if examples is not None:
+            few, _ = FewShot.check(examples, None, task.labels, templates)
         total = len(task.items)
     else:
         task = _load_pairs(pairs)
@@ -114,10 +129,13 @@ def eval_command(
     loaded, torch_device, dtype = load_for_inference(
         model, vocab=vocab, device=device, precision=precision, offline=offline, quiet=quiet
     )
+    fitted = None
     if isinstance(task, evaluate.ZeroShotSet):
         from zsclip.jobs.labels import load_templates
 
         task.templates = load_templates(templates, model_default=loaded.metadata.get("templates"))
+        if few.active:
+            fitted = _few_shot_head(few, task, loaded, torch_device, dtype, head, workers, quiet)
     run = evaluate.EvalRun(
         loaded.model,
         loaded.tokenizer,
@@ -127,7 +145,38 @@ def eval_command(
         batch_size=batch_size,
         workers=workers,
     )
-    _render(_measure(task, run, total, quiet), fmt)
+    _render(_measure(task, run, total, quiet, fitted.head if fitted else None), fmt)
+
+
+def _few_shot_head(few, task, loaded, device, dtype, head_path, workers, quiet):
+    """The head for --examples (fitted or cached) or --head (checked against the model), for the
+    task's labels in order; warns when examples are also evaluation images."""
+    import os
+
+    from zsclip.cli._fewshot import report_head
+    from zsclip.cli._output import warn
+    from zsclip.jobs import classify as job
+    from zsclip.jobs.pipeline import DecodeOptions
+    from zsclip.jobs.zeroshot import classifier_for
+
+    task.templates = few.templates(loaded, None) if few.head is not None else task.templates
+    text = classifier_for(
+        loaded, task.labels, task.templates, device=device, dtype=dtype, warn=warn
+    )
+    source = few.source(task.templates, DecodeOptions(), workers=workers or 0)  # exact, as eval
+    request = job.ClassifyRequest(task.labels, task.templates, examples=source, head=few.head)
+    fitted = job.few_shot_head(loaded, request, text, device=device, dtype=dtype, warn=warn)
+    origin = f"--head {head_path}" if head_path is not None else "--examples"
+    report_head(fitted, source=origin, multi_label=False, threshold=None, quiet=quiet)
+    if few.examples is not None:
+        evaluated = {os.path.realpath(path) for path, _ in task.items}
+        shared = sum(os.path.realpath(item.path) in evaluated for item in few.examples.items)
+        if shared:
+            warn(
+                f"{shared} example image(s) are also evaluation images; the score is optimistic "
+                "(keep examples and evaluation images apart)"
+            )
+    return fitted
 
 
 def _load_pairs(pairs: Path) -> list:
@@ -145,7 +194,7 @@ def _load_pairs(pairs: Path) -> list:
         raise
 
 
-def _measure(task: Any, run: Any, total: int, quiet: bool) -> dict:
+def _measure(task: Any, run: Any, total: int, quiet: bool, head: Any = None) -> dict:
     """Zero-shot scores for a ZeroShotSet, retrieval recall for a list of pairs, with a progress bar."""
     from zsclip.cli._output import progress
     from zsclip.jobs import evaluate
@@ -159,7 +208,7 @@ def _measure(task: Any, run: Any, total: int, quiet: bool) -> dict:
 
         run.progress = tick
         if isinstance(task, evaluate.ZeroShotSet):
-            return evaluate.evaluate_zeroshot(run, task)
+            return evaluate.evaluate_zeroshot(run, task, head)
         return evaluate.evaluate_pairs(run, task)
 
 

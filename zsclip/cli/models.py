@@ -29,8 +29,22 @@ DESCRIPTIONS = {
     "ViT-B/32": "real CLIP: the usual start on a CPU",
     "ViT-B/16": "real CLIP: ViT-B, finer patches, slower",
     "ViT-L/14": "real CLIP: ViT-L, for a GPU",
-    "ViT-L/14@336px": "real CLIP: the most accurate, for a GPU",
+    "ViT-L/14@336px": "real CLIP: OpenAI's most accurate, for a GPU",
     "vocab": "the standard BPE vocabulary, not a model",
+}
+FAMILIES = {  # hf: entries of the table, by the data they were trained on
+    "laion2b": "OpenCLIP on LAION-2B",
+    "datacomp": "OpenCLIP on DataComp-1B",
+    "dfn": "Apple DFN (filtered data)",
+    "metaclip": "Meta MetaCLIP 2.5B",
+}
+# Where a cached model was found, in the table's FOUND column (the json says it in full).
+FOUND_SHORT = {
+    "built in": "built-in",
+    "zsclip cache": "zsclip",
+    "OpenAI cache (~/.cache/clip)": "OpenAI",
+    "Hugging Face cache": "HF",
+    "zsclip cache (old hf/ folder)": "zsclip",
 }
 
 
@@ -55,7 +69,9 @@ def models_command(
         ),
     ] = False,
 ) -> None:
-    """List the built-in model(s) and every downloadable name, with size, whether cached, and where.
+    """List the built-in model(s) and every name that can be downloaded, with size, published ImageNet
+    zero-shot top-1 and parameter count, and which cache holds each one (zsclip's, OpenAI's
+    ~/.cache/clip, or the Hugging Face cache shared with transformers and open_clip).
 
     Example: zsclip models --format json
     """
@@ -194,7 +210,15 @@ def describe(row: dict) -> str:
 
         return for_display(str(_header_metadata(row["path"]).get("description", "built-in model")))
     if row["kind"] == "hf":
-        return "Hugging Face CLIP"
+        from zsclip.core import catalogue as hub
+
+        entry = hub.lookup(row["name"]) if not row["name"].startswith("hf:") else None
+        if entry is None:
+            return "Hugging Face CLIP"
+        text = FAMILIES.get(entry.family or "", "open CLIP")
+        if entry.license and "non-commercial" in entry.license.lower():
+            text += " (non-commercial licence)"
+        return text
     return DESCRIPTIONS.get(row["name"], "")
 
 
@@ -214,16 +238,19 @@ def _header_metadata(path: str) -> dict:
 
 
 def render_table(rows: list[dict]) -> str:
-    """Plain aligned columns (no markup): NAME KIND SIZE CACHED ABOUT PATH."""
-    header = ("NAME", "KIND", "SIZE", "CACHED", "ABOUT", "PATH")
+    """Plain aligned columns (no markup): NAME KIND SIZE TOP1 PARAMS FOUND ABOUT PATH. TOP1 is the
+    published ImageNet zero-shot top-1 (%); FOUND says which cache holds the model ("-": none yet)."""
+    header = ("NAME", "KIND", "SIZE", "TOP1", "PARAMS", "FOUND", "ABOUT", "PATH")
     lines = [header] + [
         (
             row["name"],
             row["kind"],
             human_size(row["size"]),
-            "yes" if row["cached"] else "no",
+            f"{row['top1']:.1f}" if row.get("top1") is not None else "-",
+            f"{row['params'] / 1e6:.0f}M" if row.get("params") else "-",
+            FOUND_SHORT.get(row.get("found_in") or "", "yes") if row["cached"] else "-",
             row.get("description", ""),
-            row["path"],
+            row["path"] or "-",
         )
         for row in rows
     ]

@@ -1,13 +1,18 @@
-"""Model names -> local files: the table of downloadable files (hub_models.json) and `hf:ORG/NAME`
+"""Model names -> local files: the table of models known by name (catalogue.json) and `hf:ORG/NAME`
 repositories.
 
-The table is data: each entry has a name, a kind ("openai" checkpoint or the standard "vocab"), its
-published address, SHA-256 and size, and its place in the cache (zsclip.paths.cache_dir()). Names
-are matched without regard to case, and "/" or "@" may be written "-": `ViT-B/32`, `vit-b-32` and
-`ViT-L-14-336px` all work.
+The table is data: each entry has a name, a kind (an "openai" checkpoint, an "hf" repository, or the
+standard "vocab"), its address (a URL with SHA-256 and size, or a repository), and the published
+ImageNet zero-shot top-1 and parameter count that let a user choose. Names are matched without
+regard to case, and "/" or "@" may be written "-": `ViT-B/32`, `vit-b-32` and `ViT-L-14-336px` all
+work; a repository's own ORG/NAME names its entry too.
 
-resolve() downloads on first use through zsclip.download (verified, resumable, locked, atomic) and
-returns the cached path; with offline=True (or ZSCLIP_OFFLINE=1) it only looks in the cache. Nothing
+Weights already on disk are used, never fetched again: an OpenAI checkpoint in OpenAI's package's
+cache (~/.cache/clip) once its SHA-256 matches the published one, a repository in the Hugging Face
+cache that transformers or open_clip filled (zsclip.core.hf_repos). Otherwise resolve() downloads
+on first use, OpenAI's files through zsclip.download (verified, resumable, locked, atomic) into
+zsclip's cache, Hugging Face repositories through huggingface_hub into its shared cache; with
+offline=True (or ZSCLIP_OFFLINE=1, HF_HUB_OFFLINE=1) it only looks in the caches. Nothing
 here prints: progress goes to a ProgressFactory the terminal layer supplies, either per call or once
 with set_progress_factory().
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
 from zsclip import paths
+from zsclip.core import hf_repos
 from zsclip.download import (
     DownloadError,
     OfflineMissing,
@@ -30,7 +36,6 @@ from zsclip.download import (
     Unreachable,
     download,
     offline_from_env,
-    probe,
     sha256_file,
 )
 from zsclip.errors import UserError
@@ -50,23 +55,37 @@ _default_progress: ProgressFactory | None = None
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str  # "openai" (a checkpoint) or "vocab" (the standard BPE vocabulary)
-    url: str
-    sha256: str
-    size: int | None  # bytes; None when unknown until downloaded
-    file: str  # place in the cache folder
+    kind: str  # "openai" (a checkpoint file), "hf" (a Hugging Face repository) or "vocab"
+    url: str | None = None  # openai and vocab: the published address
+    sha256: str | None = None
+    size: int | None = None  # bytes of the weights; None when unknown until downloaded
+    file: str | None = None  # openai and vocab: place in the cache folder
     aliases: tuple[str, ...] = field(default=())
+    repo: str | None = None  # hf: ORG/NAME on the Hub
+    top1: float | None = None  # ImageNet-1k zero-shot top-1, percent (open_clip's evaluation)
+    params: int | None = None
+    image_size: int | None = None
+    family: str | None = None
+    license: str | None = None
 
     def path(self) -> Path:
-        return paths.cache_dir() / self.file
+        """Where zsclip's own download of an openai/vocab entry is kept."""
+        return paths.cache_dir() / (self.file or self.name)
 
     def cached(self) -> bool:
-        return self.path().is_file()
+        """On disk already: in zsclip's cache, OpenAI's package's or the Hugging Face cache."""
+        if self.kind == "hf":
+            return hf_repos.find_cached(self.repo or "") is not None
+        return self.path().is_file() or openai_cached(self) is not None
 
 
 def _load_table() -> dict[str, Entry]:
     rows = json.loads(_TABLE_FILE.read_text(encoding="utf-8"))["entries"]
     return {row["name"]: Entry(**{**row, "aliases": tuple(row.get("aliases", ()))}) for row in rows}
+
+
+def _strip_hf(key: str) -> str:
+    return key[3:] if key.startswith("hf:") else key
 
 
 ENTRIES: dict[str, Entry] = _load_table()
@@ -86,16 +105,17 @@ def canonical(name: str) -> str:
 
 def lookup(name: str) -> Entry | None:
     """The table entry called `name` (or one of its aliases), else None."""
-    key = canonical(name)
+    key = _strip_hf(canonical(name))
     for entry in ENTRIES.values():
-        if key == canonical(entry.name) or key in (canonical(alias) for alias in entry.aliases):
+        names = (entry.name, *entry.aliases, *((entry.repo,) if entry.repo else ()))
+        if key in (canonical(alias) for alias in names):
             return entry
     return None
 
 
 def known_names() -> list[str]:
     """Names of the downloadable checkpoints, in table order."""
-    return [entry.name for entry in ENTRIES.values() if entry.kind == "openai"]
+    return [entry.name for entry in ENTRIES.values() if entry.kind in ("openai", "hf")]
 
 
 def is_hf_spec(spec: str) -> bool:
@@ -119,9 +139,13 @@ def resolve(
     if is_hf_spec(name):
         return fetch_hf(name.strip()[3:], offline=offline, progress=progress)
     entry = lookup(name)
-    if entry is None or entry.kind != "openai":
+    if entry is None or entry.kind == "vocab":
         return None
-    path = fetch_entry(entry, offline=offline, progress=progress, verify=verify)
+    if entry.kind == "hf":
+        return fetch_hf(entry.repo or "", offline=offline, progress=progress)
+    path = openai_cached(entry) or fetch_entry(
+        entry, offline=offline, progress=progress, verify=verify
+    )
     try:
         fetch_standard_vocab(offline=offline, progress=progress, verify=verify)
     except OfflineMissing:
@@ -198,69 +222,131 @@ def fetch_file(
 builtin_models = paths.builtin_models
 
 
+# ---- OpenAI's own cache ----
+
+
+def openai_cache_dir() -> Path:
+    """Where OpenAI's `clip` package keeps its downloads (clip.load's default download_root)."""
+    return Path("~/.cache/clip").expanduser()
+
+
+def openai_cached(entry: Entry) -> Path | None:
+    """OpenAI's package's copy of `entry` (~/.cache/clip/<file name of its address>) when its SHA-256
+    is the published one, else None: a file that differs is never used (zsclip then fetches its own
+    verified copy, and leaves the other package's file alone). The hash of a file already checked is
+    remembered by size and modification time, so a 900 MB file is not re-read at every start."""
+    if entry.kind != "openai" or not entry.url or not entry.sha256:
+        return None
+    path = openai_cache_dir() / entry.url.rsplit("/", 1)[-1]
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if not path.is_file() or (entry.size is not None and info.st_size != entry.size):
+        return None
+    stamp = [info.st_size, info.st_mtime_ns]
+    memo = _read_memo()
+    digest = (
+        memo.get(str(path), {}).get("sha256")
+        if memo.get(str(path), {}).get("stamp") == stamp
+        else None
+    )
+    if digest is None:
+        try:
+            digest = sha256_file(path)
+        except OSError:
+            return None
+        memo[str(path)] = {"stamp": stamp, "sha256": digest}
+        _write_memo(memo)
+    return path if digest == entry.sha256.lower() else None
+
+
+def _memo_path() -> Path:
+    return paths.cache_dir() / "verified-elsewhere.json"
+
+
+def _read_memo() -> dict:
+    try:
+        with open(_memo_path(), "rb") as handle:
+            data = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _write_memo(memo: dict) -> None:
+    from zsclip.atomic import atomic_write_text
+
+    with contextlib.suppress(OSError, UserError):  # a memo that cannot be written costs a re-hash
+        _memo_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_memo_path(), json.dumps(memo, indent=1))
+
+
+# ---- what `zsclip models` lists ----
+
+
+def _row(name: str, kind: str, size: int | None, found: Path | None, where: str, **extra) -> dict:
+    return {
+        "name": name,
+        "kind": kind,
+        "size": size,
+        "cached": found is not None,
+        "path": str(found) if found is not None else None,
+        "found_in": where if found is not None else None,
+        **extra,
+    }
+
+
+def _scores(entry: Entry) -> dict:
+    return {"top1": entry.top1, "params": entry.params, "image_size": entry.image_size}
+
+
 def catalog() -> list[dict]:
-    """One row per built-in model, table entry and cached hf: folder: name, kind, size, cached, path,
-    url."""
+    """One row per built-in model, table entry and cached hf: repository: name, kind, size, cached,
+    path (where it was found, or None), found_in (which cache), url, top1, params, image_size."""
+    none = {"top1": None, "params": None, "image_size": None}
     rows = [
-        {
-            "name": path.stem,
-            "kind": "builtin",
-            "size": path.stat().st_size,
-            "cached": True,
-            "path": str(path),
-            "url": None,
-        }
+        _row(path.stem, "builtin", path.stat().st_size, path, "built in", url=None, **none)
         for path in builtin_models()
     ]
+    listed: set[str] = set()
     for entry in ENTRIES.values():
-        path = entry.path()
-        size = path.stat().st_size if path.is_file() else entry.size
+        if entry.kind == "hf":
+            repo = entry.repo or ""
+            listed.add(repo)
+            found = hf_repos.find_cached(repo)
+            where = _hf_where(found)
+            url = f"{hf_endpoint()}/{repo}"
+            rows.append(_row(entry.name, "hf", entry.size, found, where, url=url, **_scores(entry)))
+            continue
+        own = entry.path() if entry.path().is_file() else None
+        found = own or openai_cached(entry)
+        where = "zsclip cache" if own is not None else "OpenAI cache (~/.cache/clip)"
+        size = found.stat().st_size if found is not None else entry.size
         rows.append(
-            {
-                "name": entry.name,
-                "kind": entry.kind,
-                "size": size,
-                "cached": path.is_file(),
-                "path": str(path),
-                "url": entry.url,
-            }
+            _row(entry.name, entry.kind, size, found, where, url=entry.url, **_scores(entry))
         )
-    for repo_id, folder in cached_hf():
-        rows.append(
-            {
-                "name": f"hf:{repo_id}",
-                "kind": "hf",
-                "size": _folder_size(folder),
-                "cached": True,
-                "path": str(folder),
-                "url": f"{hf_endpoint()}/{repo_id}",
-            }
-        )
+    for repo_id, folder in hf_repos.cached_repos():
+        if repo_id not in listed:
+            size = hf_repos.folder_size(folder)
+            url = f"{hf_endpoint()}/{repo_id}"
+            rows.append(
+                _row(f"hf:{repo_id}", "hf", size, folder, _hf_where(folder), url=url, **none)
+            )
     return rows
 
 
-def _folder_size(folder: Path) -> int:
-    with contextlib.suppress(OSError):
-        return sum(
-            p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-        )
-    return 0
+def _hf_where(folder: Path | None) -> str:
+    if folder is None:
+        return ""
+    return (
+        "zsclip cache (old hf/ folder)"
+        if folder.is_relative_to(paths.cache_dir())
+        else ("Hugging Face cache")
+    )
 
 
-# ---- Hugging Face repositories (hf:ORG/NAME) ----
-
-HF_CONFIG = "config.json"
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # the first one the repository has
-HF_EXTRAS = (  # tokenizer and preprocessing files; a repository may lack any of them
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "preprocessor_config.json",
-)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# ---- Hugging Face repositories (hf:ORG/NAME): zsclip.core.hf_repos ----
 
 
 def hf_endpoint() -> str:
@@ -269,107 +355,14 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def hf_folder(repo_id: str) -> Path:
-    return paths.cache_dir() / "hf" / repo_id
-
-
-def hf_complete(folder: Path) -> bool:
-    """A folder is usable once config.json and a weights file are in it (files land only when whole)."""
-    return (folder / HF_CONFIG).is_file() and any((folder / name).is_file() for name in HF_WEIGHTS)
-
-
-def cached_hf() -> list[tuple[str, Path]]:
-    """(ORG/NAME, folder) for every complete hf: download in the cache."""
-    root = paths.cache_dir() / "hf"
-    if not root.is_dir():
-        return []
-    return [
-        (f"{folder.parent.name}/{folder.name}", folder)
-        for folder in sorted(root.glob("*/*"))
-        if folder.is_dir() and hf_complete(folder)
-    ]
-
-
 def fetch_hf(
     repo_id: str, *, offline: bool = False, progress: ProgressFactory | None = None
 ) -> Path:
-    """Fetch config.json, extras and weights of a Hugging Face CLIP repository into the cache; return
-    the folder.
-
-    A complete folder is returned without asking the network (delete it to fetch a newer revision).
-    Files stored with Git LFS (the weights) are verified against the SHA-256 the server states;
-    small text files are not.
-    """
-    if "/.." in f"/{repo_id}" or not _REPO_ID.match(repo_id):
-        raise UserError(f"hf:{repo_id} is not ORG/NAME; write e.g. hf:openai/clip-vit-base-patch32")
-    folder = hf_folder(repo_id)
-    if hf_complete(folder):
-        return folder
-    if offline or offline_from_env():
-        raise OfflineMissing(
-            f"hf:{repo_id} is not in the cache ({folder}) and offline mode is on; run `zsclip download "
-            f"hf:{repo_id}` once while online, or {_WAYS_FORWARD['model']}"
-        )
-    try:
-        if not _fetch_hf_file(repo_id, HF_CONFIG, progress):
-            raise UserError(
-                f"hf:{repo_id} has no {HF_CONFIG}; is it a Hugging Face CLIP model repository?"
-            )
-        extras = [name for name in HF_EXTRAS if _fetch_hf_file(repo_id, name, progress)]
-        if not any(_fetch_hf_file(repo_id, name, progress) for name in HF_WEIGHTS):
-            raise UserError(f"hf:{repo_id} has neither {' nor '.join(HF_WEIGHTS)}")
-    except Unreachable as err:
-        raise Unreachable(
-            f"cannot download hf:{repo_id}: {err}; {_WAYS_FORWARD['model']}, or try again "
-            f"when online"
-        ) from None
-    if not {"vocab.json", "merges.txt"} <= set(extras):
-        with contextlib.suppress(
-            DownloadError
-        ):  # the tokenizer falls back to the standard vocabulary
-            fetch_standard_vocab(progress=progress)
+    """The local folder of a Hugging Face CLIP repository: from the Hugging Face cache (or zsclip's
+    old one) when a complete copy is there, else downloaded with huggingface_hub. A repository
+    without the tokenizer's vocabulary also brings the standard one into zsclip's cache."""
+    folder = hf_repos.fetch(repo_id, offline=offline, progress=progress)
+    if not {"vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}:
+        with contextlib.suppress(DownloadError):  # the tokenizer then names --vocab itself
+            fetch_standard_vocab(offline=offline, progress=progress)
     return folder
-
-
-def _hf_headers() -> dict[str, str]:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _fetch_hf_file(repo_id: str, name: str, progress: ProgressFactory | None) -> bool:
-    """Download one file of the repository; False if the repository has no such file."""
-    dest = hf_folder(repo_id) / name
-    if dest.is_file():
-        return True
-    url = f"{hf_endpoint()}/{repo_id}/resolve/main/{name}"
-    status, headers = probe(url, headers=_hf_headers())
-    if status == 404:
-        return False
-    if status in (401, 403):
-        raise UserError(
-            f"Hugging Face refused hf:{repo_id} (HTTP {status}): it does not exist, or it is gated or private "
-            f"(set HF_TOKEN to a token with access)"
-        )
-    if status >= 400:
-        raise DownloadError(f"{url} answered HTTP {status}")
-    size = headers.get("x-linked-size") or headers.get("content-length")
-    fetch_file(
-        url,
-        dest,
-        sha256=_lfs_sha256(status, headers),
-        size=int(size) if size and size.isdigit() else None,
-        progress=progress,
-        headers=_hf_headers(),
-    )
-    return True
-
-
-def _lfs_sha256(status: int, headers: dict[str, str]) -> str | None:
-    """The SHA-256 an LFS file's redirect states in X-Linked-Etag (or its ETag); None for plain git
-    files."""
-    keys = ("x-linked-etag", "etag") if 300 <= status < 400 else ("x-linked-etag",)
-    for key in keys:
-        tag = headers.get(key, "").removeprefix("W/").strip('"').lower()
-        if _SHA256_HEX.match(tag):
-            return tag
-    return None

@@ -23,10 +23,12 @@ import torch
 from zsclip.config import ModelChoice, default_model
 from zsclip.core.config_check import check_shapes, config_from_dict
 from zsclip.core.foreign import (
+    OPEN_CLIP_WEIGHTS,
     ForeignCheckpoint,
     looks_like_huggingface,
     read_huggingface_folder,
     read_openai_or_openclip,
+    read_openclip_folder,
 )
 from zsclip.core.model import CLIP
 from zsclip.core.presets import CLIPConfig, canonical_preset_name
@@ -209,11 +211,21 @@ def _read_foreign_file(path: Path, kind: str) -> ForeignCheckpoint:
 
 def _read(path: Path) -> _Read:
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        # OpenCLIP's config first: timm's repositories hold both, and their config.json describes
+        # an image tower only
+        # an OpenCLIP config without its weights (a partial download) leaves the transformers files
+        open_clip = (path / "open_clip_config.json").is_file()
+        if open_clip and any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
+            foreign = read_openclip_folder(path)
+        elif (path / "config.json").is_file():
+            foreign = read_huggingface_folder(path)
+        elif open_clip:
+            foreign = read_openclip_folder(path)  # says which weights are missing
+        else:
             raise UserError(
-                f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights)"
+                f"{path}: a folder must be a Hugging Face CLIP model (config.json + weights) or an "
+                f"OpenCLIP one (open_clip_config.json + weights)"
             )
-        foreign = read_huggingface_folder(path)
     else:
         if not path.is_file():
             raise UserError(f"{path}: not a regular file or folder; {FORMATS}")

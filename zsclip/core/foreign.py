@@ -191,9 +191,38 @@ def _apply_open_clip_config(config: CLIPConfig, path: Path, names: dict[str, str
         head_width = _positive(vision_cfg["head_width"], f"{path}: vision_cfg.head_width")
         config.vision.heads = max(1, config.vision.width // head_width)
         names["vision.heads"] = f"{path.name} vision_cfg.head_width"
-    return {
-        k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items() if k in ("mean", "std")
-    }
+    return _open_clip_preprocess(pre, path)
+
+
+# open_clip's preprocess_cfg words -> PreprocessConfig's
+_OPEN_CLIP_INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+_OPEN_CLIP_RESIZE = {"shortest": "shortest", "squash": "squash"}
+
+
+def _open_clip_preprocess(pre: dict, path: Path) -> dict[str, Any]:
+    """mean, std, interpolation and resize mode from open_clip_config.json's preprocess_cfg; a
+    setting zsclip cannot reproduce exactly (open_clip's "longest" resize with padding) is refused
+    rather than approximated."""
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        if key in pre:
+            value = pre[key]
+            if not isinstance(value, list) or len(value) != 3:
+                raise UserError(f"{path}: preprocess_cfg.{key} must be a list of three numbers")
+            out[key] = tuple(value)
+    for key, table in (
+        ("interpolation", _OPEN_CLIP_INTERPOLATION),
+        ("resize_mode", _OPEN_CLIP_RESIZE),
+    ):
+        if key in pre:
+            if pre[key] not in table:
+                shown = ", ".join(table)
+                raise UserError(
+                    f"{path}: preprocess_cfg.{key} {str(pre[key])[:30]!r} is not supported "
+                    f"(zsclip reproduces {shown})"
+                )
+            out[key] = table[pre[key]]
+    return out
 
 
 def read_openai_or_openclip(path: Path, obj: Any) -> ForeignCheckpoint:
@@ -212,12 +241,34 @@ def read_openai_or_openclip(path: Path, obj: Any) -> ForeignCheckpoint:
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
     names = dict(_INFERRED_NAMES)
-    preprocess: dict[str, Any] = {"image_size": config.vision.image_size}
+    # OpenAI's and open_clip's pipeline: torchvision's CenterCrop, which rounds its offsets
+    preprocess: dict[str, Any] = {"image_size": config.vision.image_size, "crop_offsets": "round"}
     if config_file.is_file():
         preprocess.update(_apply_open_clip_config(config, config_file, names))
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     source = "openclip" if openclip else "openai"
     return ForeignCheckpoint(state_dict, config, source, preprocess, names)
+
+
+# The weight files an OpenCLIP-layout folder (a Hub repository) may hold, in open_clip's order.
+OPEN_CLIP_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
+
+
+def read_openclip_folder(folder: Path) -> ForeignCheckpoint:
+    """A Hub repository in OpenCLIP's layout: open_clip_config.json beside one of OPEN_CLIP_WEIGHTS.
+    Pickled weights are read by the allow-list reader (nothing in them runs)."""
+    from zsclip.core.safetensors_io import load_tensors
+
+    for name in OPEN_CLIP_WEIGHTS:
+        path = folder / name
+        if path.is_file():
+            obj = load_tensors(path) if name.endswith(".safetensors") else read_torch_file(path)
+            return read_openai_or_openclip(path, obj)
+    raise UserError(f"{folder}: open_clip_config.json but none of {', '.join(OPEN_CLIP_WEIGHTS)}")
 
 
 # ------------------------------------------------------------------------------------------ Hugging
@@ -377,17 +428,47 @@ def hf_state_dict_to_ours(
     return {k: t.float().contiguous() if t.is_floating_point() else t for k, t in out.items()}
 
 
-def _hf_preprocess(folder: Path) -> dict[str, Any]:
+# PIL's resampling codes, as preprocessor_config.json's `resample` writes them
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _hf_preprocess(folder: Path, image_size: int) -> dict[str, Any]:
+    """What preprocessor_config.json states (CLIPImageProcessor's fields): mean, std, the resampling
+    filter, and the resize: shortest edge + center crop, or straight to height x width. A resize
+    that does not end at the model's input size is refused (zsclip resizes straight to it)."""
     file = folder / "preprocessor_config.json"
+    out: dict[str, Any] = {"crop_offsets": "floor"}  # transformers' center_crop floors
     if not file.is_file():
-        return {}
+        return out
     data = _json_object(file)
-    out: dict[str, Any] = {}
     for theirs, ours in (("image_mean", "mean"), ("image_std", "std")):
         if theirs in data:
             if not isinstance(data[theirs], list):
                 raise UserError(f"{file}: {theirs} must be a list of three numbers")
             out[ours] = tuple(data[theirs])
+    if "resample" in data:
+        if data["resample"] not in _PIL_RESAMPLE or isinstance(data["resample"], bool):
+            raise UserError(f"{file}: resample {str(data['resample'])[:20]!r} is not a PIL filter")
+        out["interpolation"] = _PIL_RESAMPLE[data["resample"]]
+    size = data.get("size", {"shortest_edge": image_size})
+    size = {"shortest_edge": size} if isinstance(size, int) else size
+    if not isinstance(size, dict):
+        raise UserError(f"{file}: size must be a number or an object")
+    if "shortest_edge" in size:
+        wanted = (size["shortest_edge"],)
+        crop = data.get("crop_size", image_size) if data.get("do_center_crop", True) else None
+        crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+        wanted += (crop,) if crop is not None else ()
+    else:
+        out["resize_mode"] = "squash"
+        wanted = (size.get("height"), size.get("width"))
+    if any(value != image_size for value in wanted) or (
+        "shortest_edge" in size and not data.get("do_center_crop", True)
+    ):
+        raise UserError(
+            f"{file}: resizes to {wanted}, not to the model's {image_size} px input; zsclip "
+            f"reproduces shortest edge = crop = input size, or height = width = input size"
+        )
     return out
 
 
@@ -412,7 +493,8 @@ def read_huggingface_folder(folder: Path) -> ForeignCheckpoint:
         raise UserError(f"{folder}: model_type {str(model_type)[:40]!r} is not a CLIP model")
     config = hf_config_to_ours(hf_config, str(folder))
     state_dict = hf_state_dict_to_ours(_hf_weights(folder), config, str(folder))
-    preprocess = {"image_size": config.vision.image_size, **_hf_preprocess(folder)}
+    image_size = config.vision.image_size
+    preprocess = {"image_size": image_size, **_hf_preprocess(folder, image_size)}
     return ForeignCheckpoint(state_dict, config, "huggingface", preprocess, dict(HF_NAMES))
 
 

@@ -14,6 +14,17 @@ from pathlib import Path
 
 from zsclip.errors import InputError
 
+# Camera RAW files. zsclip reads them through the JPEG preview the camera embeds (full size or close
+# to it on every current body), with `rawpy` (LibRaw), the optional extra `zsclip[raw]`. Developing
+# the sensor data itself would be slower and would not look like the photo the camera showed.
+RAW_SUFFIXES = frozenset(".cr2 .cr3 .nef .arw .dng .orf .rw2 .raf".split())
+RAW_EXTRA_HINT = "pip install 'zsclip[raw]'"
+
+
+def is_raw_name(name: str | os.PathLike[str]) -> bool:
+    """True for the file names of camera RAW formats (by extension, case ignored)."""
+    return os.path.splitext(os.fspath(name))[1].lower() in RAW_SUFFIXES
+
 
 def check_file(path: str | os.PathLike[str]) -> os.stat_result:
     """Refuse what is not a non-empty regular file, with a reason a person understands."""

@@ -7,7 +7,11 @@ Two steps, kept apart so a loader can decode in worker processes and batch later
     pixels = to_tensor(image, PreprocessConfig())   # FloatTensor [3, 224, 224], normalised
                                                     # = normalize(to_pixels(image, config), config)
 
-Which pipeline `to_tensor` matches: Hugging Face transformers' PIL-based CLIPImageProcessor (the "slow" one:
+Which pipeline `to_tensor` matches depends on `PreprocessConfig.crop_offsets`, which a checkpoint's
+loader sets from where the weights came from: "round" for OpenAI and OpenCLIP checkpoints, which then
+match OpenAI's and open_clip's torchvision pipeline, "floor" for Hugging Face folders and zsclip's
+own files, which match the following. With "floor" it is
+Hugging Face transformers' PIL-based CLIPImageProcessor (the "slow" one:
 `CLIPImageProcessor` in transformers 4.x, `CLIPImageProcessorPil` in 5.x). On RGB images its pixel values
 come out identical here (the tests hold them to 1e-5), because it does the same steps:
   * resize: the shortest side becomes S and the long side `int(S * long / short)` (truncated, not rounded),
@@ -17,8 +21,10 @@ come out identical here (the tests hold them to 1e-5), because it does the same 
 OpenAI's published pipeline (torchvision `Resize(S, BICUBIC)`, `CenterCrop(S)`, `ToTensor`, `Normalize`) computes
 the same resized size and also resizes with PIL on PIL images. Two differences: torchvision's CenterCrop rounds
 its offsets (`int(round((H - S) / 2))`, halves to even), so when `H - S` is 3 mod 4 its crop sits one pixel
-lower (or further right) than ours, which moves embeddings very little; and OpenAI converts RGBA to RGB by
-dropping alpha (whatever colour hides under transparent pixels shows), where we composite on a background.
+lower (or further right) than the floored one (crop_offsets="round" reproduces it); and OpenAI converts RGBA
+to RGB after the resize by dropping alpha (whatever colour hides under transparent pixels shows), where we
+composite on a background first. On RGB images, which is what `load_image` returns for every file, the
+"round" path equals OpenAI's and open_clip's pipeline.
 
 What this module adds that neither reference does (see `load_image`): EXIF orientation, every PIL
 mode to RGB with transparency composited on `PreprocessConfig.background` (white by default, as
@@ -45,6 +51,7 @@ import io
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -53,6 +60,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from zsclip.core.imagefile import check_file as _check_file
+from zsclip.core.imagefile import is_raw_name
 from zsclip.errors import InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -84,6 +92,10 @@ _RESAMPLING = {
     "hamming": Image.Resampling.HAMMING,
 }
 _RESIZE_MODES = ("shortest", "squash")
+# How the center crop places its window when the margin is odd: "floor" as transformers'
+# CLIPImageProcessor ((H - S) // 2), "round" as torchvision's CenterCrop in OpenAI's and open_clip's
+# pipelines (round((H - S) / 2), halves to even). They differ by one pixel when H - S is 3 mod 4.
+_CROP_OFFSETS = ("floor", "round")
 
 # Formats PIL may open for us. Left out on purpose: EPS (runs Ghostscript on the file), WMF, and the
 # stub or scientific formats (FITS, HDF5, GRIB, ...), which no photo folder holds and which widen
@@ -137,6 +149,9 @@ class PreprocessConfig:
         255,
         255,
     )  # transparent pixels are composited on this colour
+    # "floor" (transformers, and zsclip's own checkpoints written before this field existed)
+    # or "round" (OpenAI and open_clip checkpoints): see _CROP_OFFSETS
+    crop_offsets: str = "floor"
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON) but store tuples, so configs compare and hash by value.
@@ -158,6 +173,10 @@ class PreprocessConfig:
         if self.interpolation not in _RESAMPLING:
             raise ValueError(
                 f"interpolation must be one of {', '.join(_RESAMPLING)}, not {self.interpolation!r}"
+            )
+        if self.crop_offsets not in _CROP_OFFSETS:
+            raise ValueError(
+                f"crop_offsets must be one of {', '.join(_CROP_OFFSETS)}, not {self.crop_offsets!r}"
             )
         if self.resize_mode not in _RESIZE_MODES:
             raise ValueError(
@@ -218,6 +237,8 @@ def load_image(
     """
     path = Path(path)
     _check_file(path)
+    if is_raw_name(path.name):
+        return _decode_raw(path, draft_size, background, max_pixels, reserve)
     try:
         with open(path, "rb") as fp:
             return _decode(fp, draft_size, background, max_pixels, reserve)
@@ -234,12 +255,40 @@ def load_image_bytes(
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reserve: Callable[[int], None] | None = None,
+    name: str | None = None,
 ) -> Image.Image:
     """`load_image` for an image already in memory (an upload): the same decoding, checks and
-    one-line reasons."""
+    one-line reasons. `name`, the file's name where known, marks camera RAW files (read through
+    their preview as from disk)."""
     if not data:
         raise InputError("empty file (0 bytes)")
+    if name is not None and is_raw_name(name):
+        return _decode_raw(io.BytesIO(data), draft_size, background, max_pixels, reserve)
     return _decode(io.BytesIO(data), draft_size, background, max_pixels, reserve)
+
+
+def _decode_raw(
+    path: Path | io.BytesIO,
+    draft_size: int | None,
+    background: tuple[int, int, int],
+    max_pixels: int,
+    reserve: Callable[[int], None] | None,
+) -> Image.Image:
+    """A camera RAW file through its embedded preview (zsclip.core.rawfile), with the same checks:
+    a JPEG preview is decoded like any JPEG (header limit, memory budget, truncation)."""
+    from zsclip.core.rawfile import read_preview
+
+    try:
+        preview, orientation = read_preview(path, max_pixels)
+    except PermissionError:
+        raise InputError("permission denied") from None
+    if isinstance(preview, bytes):
+        fp = io.BytesIO(preview)
+        return _decode(fp, draft_size, background, max_pixels, reserve, orientation)
+    if reserve is not None:  # LibRaw has decoded it already; the transpose is still to come
+        reserve(decode_cost(preview.size, preview.mode))
+    method = _UPRIGHT.get(orientation)
+    return preview.transpose(method) if method is not None else preview
 
 
 def _decode(
@@ -248,7 +297,10 @@ def _decode(
     background: tuple[int, int, int],
     max_pixels: int,
     reserve: Callable[[int], None] | None,
+    fallback_orientation: int = 1,
 ) -> Image.Image:
+    """Open, check and decode one image; `fallback_orientation` applies when the file states none
+    (a RAW file's preview, whose orientation LibRaw read from the RAW container)."""
     try:
         image = Image.open(fp, formats=_safe_formats())
     except Image.UnidentifiedImageError:
@@ -270,6 +322,8 @@ def _decode(
             reserve(decode_cost(image.size, image.mode, draft_size))
         _load_pixels(image, max_pixels)
         orientation = _orientation(image)
+        if orientation == 1:
+            orientation = fallback_orientation
         # always a new image, independent of the file
         rgb = _convert(image, background, reduce_factor(image.size, draft_size))
     finally:
@@ -323,7 +377,32 @@ def _load_pixels(image: Image.Image, max_pixels: int) -> None:
 def _safe_formats() -> tuple[str, ...]:
     # registers every plugin once; Image.open needs a format to be registered to be listed
     Image.init()
+    _register_heif()
     return tuple(name for name in _SAFE_FORMATS if name in Image.OPEN)
+
+
+_heif_lock = threading.Lock()
+_heif_done = False
+
+
+def _register_heif() -> None:
+    """Teach PIL to open HEIC/HEIF (iPhone photos) through pillow-heif, once, on first decode: the
+    import costs tens of milliseconds that `zsclip --help` should not pay. AVIF is Pillow's own.
+    Decoding threads may race here, hence the lock. Without pillow-heif (a broken install) HEIC
+    files are refused like any unknown format."""
+    global _heif_done
+    if _heif_done:
+        return
+    with _heif_lock:
+        if _heif_done:
+            return
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            pass
+        else:
+            register_heif_opener()
+        _heif_done = True
 
 
 def _orientation(image: Image.Image) -> int:
@@ -456,7 +535,13 @@ def to_pixels(
     if config.resize_mode == "squash":
         image = image.resize((size, size), resample=resample)
     else:
-        image = _resize_and_crop(image, size, resample, crop_only=resample_crop_only)
+        image = _resize_and_crop(
+            image,
+            size,
+            resample,
+            crop_only=resample_crop_only,
+            rounded=config.crop_offsets == "round",
+        )
     # Planes straight from PIL (R, G, B one after another) rather than a torch permute of [S, S, 3]:
     # the permute copy goes through torch's thread pool, which costs milliseconds when called from
     # decoding threads.
@@ -477,15 +562,19 @@ def _resize_and_crop(
     resample: Image.Resampling,
     *,
     crop_only: bool = False,
+    rounded: bool = False,
 ) -> Image.Image:
     """Shortest side -> size (long side truncated, as transformers and torchvision do), then center
-    crop."""
+    crop with floored offsets, or rounded ones (`rounded`, torchvision's CenterCrop)."""
     width, height = image.size
     if width <= height:
         new_width, new_height = size, int(size * height / width)
     else:
         new_width, new_height = int(size * width / height), size
-    left, top = (new_width - size) // 2, (new_height - size) // 2
+    if rounded:
+        left, top = int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+    else:
+        left, top = (new_width - size) // 2, (new_height - size) // 2
     if not crop_only and new_width * new_height <= _MAX_RESIZE_PIXELS:
         resized = image.resize((new_width, new_height), resample=resample)
         return resized.crop((left, top, left + size, top + size))

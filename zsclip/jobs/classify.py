@@ -11,6 +11,12 @@ other labels. A label is reported when its score is at least 0.5, i.e. when its 
 The threshold is a cosine similarity; good values depend on the model (about 0.2-0.3 for OpenAI's CLIP
 models), which is why a checkpoint may carry its own default in its metadata (`multi_label_threshold`).
 
+"None of these" (both modes): a label is *accepted* when it is in `top`, its score reaches `min_score`
+(when set) and it beats every background label (`others`, when given). Background labels are scored
+like the user's labels (so in softmax mode they take their share of the probability) but never appear
+in `top`; the best of their scores is kept as `Prediction.other`. The accepted labels are a prefix of
+`top` (it is sorted), and `Prediction.label` is the first of them, or None: "none of these".
+
 Jobs never print: this module yields Prediction rows; the terminal layer renders them.
 """
 
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
     from zsclip.core.model import CLIP
     from zsclip.jobs.cache import ImageCache
     from zsclip.jobs.embedding_files import EmbeddingTable
+    from zsclip.jobs.examples import FittedHead, HeadSource
+    from zsclip.jobs.heads import Head
     from zsclip.jobs.pipeline import Decoded, DecodeOptions, ImageEncoder
 
 DEFAULT_TOP_K = 5
@@ -44,15 +52,35 @@ class Prediction:
     )  # best first; multi-label: only labels that pass
     error: str | None = None
     thumbnail: bytes | None = None  # JPEG for the HTML report
-    unsure: bool = False  # the best score is below ClassifyOptions.min_score: no label
+    passing: int | None = None  # how many of `top`, from the first, are accepted; None: all
+    other: float | None = None  # with background labels: the best background label's score
+    sidecar_error: str | None = None  # with --xmp: why the sidecar could not be written
+
+    @property
+    def accepted(self) -> list[tuple[str, float]]:
+        """The labels of `top` that pass --min-score and beat the background labels."""
+        return self.top if self.passing is None else self.top[: self.passing]
 
     @property
     def label(self) -> str | None:
-        return self.top[0][0] if self.top and not self.unsure else None
+        accepted = self.accepted
+        return accepted[0][0] if accepted else None
 
     @property
     def score(self) -> float | None:
-        return self.top[0][1] if self.top and not self.unsure else None
+        accepted = self.accepted
+        return accepted[0][1] if accepted else None
+
+    @property
+    def unsure(self) -> bool:
+        """Scored, but no label was accepted (below --min-score, or a background label won)."""
+        return self.error is None and bool(self.top) and self.label is None
+
+    def keywords(self, multi_label: bool) -> list[str]:
+        """The labels to tag the image with: every accepted label (multi-label), else the answer."""
+        if multi_label:
+            return [label for label, _ in self.accepted]
+        return [] if self.label is None else [self.label]
 
 
 @dataclass(frozen=True)
@@ -61,8 +89,8 @@ class ClassifyOptions:
     multi_label: bool = False
     # multi-label only: the cosine at which a label's score is 0.5
     threshold: float = DEFAULT_THRESHOLD
-    # a best score below this gives no label ("none of these"); `top` is still listed
-    min_score: float | None = None
+    min_score: float | None = None  # a best score below this: label None ("none of these")
+    others: tuple[str, ...] = ()  # background labels: scored, may win, reported as None
 
 
 def model_threshold(metadata: dict[str, str]) -> float:
@@ -102,13 +130,43 @@ def ranked(
     return pairs
 
 
+def _scores(
+    features: "torch.Tensor",
+    classifier: "torch.Tensor",
+    scale: float,
+    options: ClassifyOptions,
+    head: "Head | None",
+) -> "torch.Tensor":
+    """[N, C] scores: the few-shot head's when there is one, else the zero-shot classifier's. Columns
+    of `classifier` beyond the head's labels (background labels) are scored zero-shot beside it."""
+    if head is not None:
+        return head.scores(features, scale, options, classifier[:, len(head.labels) :])
+    return score_features(features, classifier, scale, options)
+
+
+def judged(scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions) -> dict:
+    """[C + B] scores (the user's C labels, then the B background labels) -> the Prediction fields
+    `top`, `passing` and `other` (see the module docstring)."""
+    count = len(labels)
+    top = ranked(scores[:count], labels, options)
+    other = float(scores[count:].max()) if options.others else None
+    passing = 0
+    for _, value in top:
+        if options.min_score is not None and value < options.min_score:
+            break
+        if other is not None and value <= other:
+            break
+        passing += 1
+    limited = options.min_score is not None or other is not None
+    return {"top": top, "passing": passing if limited else None, "other": other}
+
+
 def prediction_for(
     path: str, scores: "torch.Tensor", labels: Sequence[str], options: ClassifyOptions
 ) -> Prediction:
-    """[C] scores of one input -> its Prediction (see `ranked`; `min_score` makes it unsure)."""
-    top = ranked(scores, labels, options)
-    unsure = options.min_score is not None and bool(top) and top[0][1] < options.min_score
-    return Prediction(path, top, unsure=unsure)
+    """[C + B] scores of one input (its labels, then the background labels) -> its Prediction
+    (see `judged`)."""
+    return Prediction(path, **judged(scores, labels, options))
 
 
 def predictions_for(
@@ -118,10 +176,13 @@ def predictions_for(
     labels: Sequence[str],
     scale: float,
     options: ClassifyOptions,
+    head: "Head | None" = None,
 ) -> Iterator[Prediction]:
     """One Prediction per entry of a decoded batch, in order: unreadable entries carry their error,
-    the others are scored from `features` [n, D] (one row per readable entry) x `classifier` [D, C]."""
-    scores = score_features(features, classifier, scale, options)  # [n, C]
+    the others are scored from `features` [n, D] (one row per readable entry) x `classifier`
+    [D, C + B] (the labels, then the background labels), or by the few-shot `head` beside the
+    background labels when there is one."""
+    scores = _scores(features, classifier, scale, options, head)  # [n, C + B]
     row = 0
     for entry in batch:
         if entry.error is not None:
@@ -138,16 +199,20 @@ def _score(value: float) -> float:
 
 
 def prediction_record(prediction: Prediction) -> dict[str, Any]:
-    """The jsonl contract, shared by `classify` and `zsclip serve`: path, label, score, top -- or
-    path, error."""
+    """The jsonl contract, shared by `classify` and `zsclip serve`: path, label, score, top (and with
+    background labels, other) -- or path, error. `label` and `score` are null when no label was
+    accepted."""
     if prediction.error is not None:
         return {"path": prediction.path, "error": prediction.error}
-    return {
+    record = {
         "path": prediction.path,
         "label": prediction.label,
         "score": None if prediction.score is None else _score(prediction.score),
         "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
     }
+    if prediction.other is not None:
+        record["other"] = _score(prediction.other)
+    return record
 
 
 def classify_images(
@@ -156,15 +221,19 @@ def classify_images(
     classifier: "torch.Tensor",
     labels: Sequence[str],
     options: ClassifyOptions,
+    head: "Head | None" = None,
 ) -> Iterator[Prediction]:
     """One Prediction per input, in input order; unreadable inputs get `error` and the run goes on.
     With the encoder's cache, images whose embedding is stored (file unchanged) are neither decoded
-    nor encoded."""
-    if classifier.shape[1] != len(labels):
-        raise ValueError(f"classifier has {classifier.shape[1]} columns for {len(labels)} labels")
+    nor encoded. With a few-shot `head`, it scores instead of `classifier`'s first C columns."""
+    if classifier.shape[1] != len(labels) + len(options.others):
+        raise ValueError(
+            f"classifier has {classifier.shape[1]} columns for "
+            f"{len(labels)} + {len(options.others)} labels"
+        )
     scale = logit_scale_of(encoder.model)
     for batch, features in encoder.batches(items):
-        yield from predictions_for(batch, features, classifier, labels, scale, options)
+        yield from predictions_for(batch, features, classifier, labels, scale, options, head)
 
 
 def classify_embeddings(
@@ -173,6 +242,7 @@ def classify_embeddings(
     labels: Sequence[str],
     scale: float,
     options: ClassifyOptions,
+    head: "Head | None" = None,
 ) -> Iterator[Prediction]:
     """Predictions for saved image embeddings, in the file's order, without touching the images."""
     import torch.nn.functional as F
@@ -180,7 +250,7 @@ def classify_embeddings(
     features = F.normalize(
         table.vectors.float(), dim=-1
     )  # [N, D]; already unit length, made sure of
-    scores = score_features(features, classifier, scale, options) if len(table.keys) else None
+    scores = _scores(features, classifier, scale, options, head) if len(table.keys) else None
     errors = sorted(table.errors, key=lambda error: error[0])  # stable: keeps the file order
     next_error = 0
     for row, key in enumerate(table.keys):
@@ -206,6 +276,11 @@ class ClassifyRequest:
     workers: int = 0
     decode: "DecodeOptions | None" = None  # None: exact decoding
     use_cache: bool = True  # the classifier cache and the image-embedding cache
+    xmp: bool = False  # write the accepted labels as keywords into XMP sidecars (zsclip.jobs.xmp)
+    # few-shot (zsclip.jobs.examples): example images to fit a head on, or a head read from a file;
+    # with either, `templates` must be the TemplateSet they were (or are to be) fitted with
+    examples: "HeadSource | None" = None
+    head: "Head | None" = None
 
 
 @dataclass
@@ -213,6 +288,7 @@ class ClassifyRun:
     predictions: Iterator[Prediction]  # lazy: images are read as it is consumed
     total: int  # rows it will yield
     cache: "ImageCache | None"  # the image-embedding cache in use, for its hit counts
+    head: "FittedHead | None" = None  # the few-shot head in use, and how it was had
 
 
 def start(
@@ -231,18 +307,24 @@ def start(
 
     classifier = classifier_for(
         loaded,
-        request.labels,
+        list(request.labels) + list(request.options.others),  # background labels last
         request.templates,
         device=device,
         dtype=dtype,
         use_cache=request.use_cache,
         warn=warn,
-    )  # [D, C]
+    )  # [D, C + B]
+    text = classifier[:, : len(request.labels)]  # [D, C] the user's labels, for the few-shot head
+    fitted = few_shot_head(loaded, request, text, device=device, dtype=dtype, warn=warn)
+    head = fitted.head if fitted is not None else None
     if request.embeddings is not None:
         table = read_image_embeddings(request.embeddings, loaded, warn)
         scale = logit_scale_of(loaded.model)
-        predictions = classify_embeddings(table, classifier, request.labels, scale, request.options)
-        return ClassifyRun(predictions, len(table.keys) + len(table.errors), None)
+        predictions = classify_embeddings(
+            table, classifier, request.labels, scale, request.options, head
+        )
+        predictions = tagged(predictions, request.options.multi_label, request.xmp)
+        return ClassifyRun(predictions, len(table.keys) + len(table.errors), None, fitted)
     decode = request.decode or DecodeOptions()
     cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
     encoder = ImageEncoder(
@@ -256,8 +338,52 @@ def start(
         cache=cache,
     )
     items = request.items or []
-    predictions = classify_images(encoder, items, classifier, request.labels, request.options)
-    return ClassifyRun(predictions, len(items), cache)
+    predictions = classify_images(encoder, items, classifier, request.labels, request.options, head)
+    return ClassifyRun(
+        tagged(predictions, request.options.multi_label, request.xmp), len(items), cache, fitted
+    )
+
+
+def few_shot_head(
+    loaded: "LoadedModel",
+    request: ClassifyRequest,
+    classifier: "torch.Tensor",
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    warn: Callable[[str], None],
+) -> "FittedHead | None":
+    """The request's head: fitted on (or cached for) its examples, or the head it was given, checked
+    against the model (`classifier` [D, C] is the model's zero-shot classifier for the labels)."""
+    from zsclip.jobs.examples import FittedHead, head_from_examples
+    from zsclip.jobs.heads import check_model
+
+    if request.examples is not None:
+        return head_from_examples(
+            loaded, request.examples, classifier, device=device, dtype=dtype, warn=warn
+        )
+    if request.head is None:
+        return None
+    dim = loaded.model.config.embed_dim
+    check_model(request.head, "the head", loaded.name, dim, classifier)
+    return FittedHead(request.head, from_cache=False)
+
+
+def tagged(predictions: Iterator[Prediction], multi_label: bool, xmp: bool) -> Iterator[Prediction]:
+    """With `xmp`: each prediction's keywords written into the image's XMP sidecar as it passes
+    (zsclip.jobs.xmp); a sidecar that cannot be written is noted on the prediction."""
+    if not xmp:
+        yield from predictions
+        return
+    from zsclip.jobs.xmp import XmpError, tag_image
+
+    for prediction in predictions:
+        if prediction.error is None:
+            try:
+                tag_image(prediction.path, prediction.keywords(multi_label))
+            except XmpError as err:
+                prediction.sidecar_error = str(err)
+        yield prediction
 
 
 def read_image_embeddings(

@@ -125,7 +125,11 @@ def zeroshot_scores(
     image_feats: torch.Tensor, classifier: torch.Tensor, targets: torch.Tensor, n_labels: int
 ) -> dict[str, Any]:
     """top1/top5/mean per-class recall from features [N, D], a classifier [D, C] and targets [N]."""
-    logits = image_feats @ classifier  # [N, C]
+    return logit_scores(image_feats @ classifier, targets, n_labels)
+
+
+def logit_scores(logits: torch.Tensor, targets: torch.Tensor, n_labels: int) -> dict[str, Any]:
+    """top1/top5/mean per-class recall from logits [N, C] and targets [N]."""
     k = min(5, n_labels)
     top = logits.topk(k, dim=1).indices  # [N, k]
     hit1 = top[:, 0] == targets
@@ -140,16 +144,25 @@ def zeroshot_scores(
     }
 
 
-def evaluate_zeroshot(run: EvalRun, zs: ZeroShotSet) -> dict[str, Any]:
-    """top1, top5, mean_per_class_recall, n and classes for a folder of class subfolders."""
+def evaluate_zeroshot(run: EvalRun, zs: ZeroShotSet, head: Any = None) -> dict[str, Any]:
+    """top1, top5, mean_per_class_recall, n and classes for a folder of class subfolders. With a
+    few-shot `head` (zsclip.jobs.heads.Head, for zs.labels in order) the scores are the head's, plus
+    zeroshot_top1 (its zero-shot classifier's) and examples (how many it was fitted on)."""
     from zsclip.jobs.zeroshot import build_classifier
 
-    classifier = build_classifier(
-        run.model, run.tokenizer, zs.labels, zs.templates, device=run.device
-    )  # [D, C]
+    if head is not None:
+        classifier = head.text  # [D, C] the zero-shot classifier it was fitted against
+    else:
+        classifier = build_classifier(
+            run.model, run.tokenizer, zs.labels, zs.templates, device=run.device
+        )  # [D, C]
     feats = image_features(run, [p for p, _ in zs.items])  # [N, D]
     targets = torch.tensor([t for _, t in zs.items])
-    return zeroshot_scores(feats, classifier, targets, len(zs.labels))
+    result = zeroshot_scores(feats, classifier, targets, len(zs.labels))
+    if head is None:
+        return result
+    few_shot = logit_scores(feats @ head.weight + head.bias, targets, len(zs.labels))
+    return {**few_shot, "zeroshot_top1": result["top1"], "examples": sum(head.examples())}
 
 
 def retrieval_recall(

@@ -16,11 +16,20 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence, TextIO
 
+from zsclip.core.imagefile import RAW_SUFFIXES
 from zsclip.errors import UserError
 
 # Extensions collected from folders. A file named explicitly is always tried, whatever its name.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .ppm .pgm .pbm .pnm .ico .tga .heic .avif".split()
+# Camera RAW files are collected too: without the `zsclip[raw]` extra each one gets an error line
+# that names the extra, rather than vanishing from the results.
+IMAGE_EXTENSIONS = (
+    frozenset(
+        (
+            ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .webp .tif .tiff .ppm .pgm .pbm .pnm .ico"
+            " .tga .heic .heif .hif .avif"
+        ).split()
+    )
+    | RAW_SUFFIXES
 )
 
 

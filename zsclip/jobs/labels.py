@@ -196,3 +196,31 @@ def load_templates(spec: str | Path | None, *, model_default: str | None = None)
         return parse_templates(_read_text(named, "template set"), str(spec))
     choices = ", ".join(available_template_sets()) or "none installed"
     raise UserError(f"unknown template set {str(spec)!r}: give a file path or one of: {choices}")
+
+
+def label_key(label: str) -> str:
+    """What makes two labels the same label: NFC, case-folded, whitespace collapsed (the tokenizer
+    lower-cases and collapses spaces, so "Corgi" and "corgi " are one class)."""
+    return _key(label)
+
+
+def resolve_others(
+    others: str | None, others_file: Path | None, labels: list[str]
+) -> tuple[str, ...]:
+    """Background labels from --other "a,b" or --other-file (read like --labels-file): none, or a
+    list that shares no label with `labels` (a label both wanted and background is a mistake)."""
+    if others is not None and others_file is not None:
+        raise UserError("give --other or --other-file, not both")
+    if others is None and others_file is None:
+        return ()
+    if others is not None:
+        parsed = check_labels([part.strip() for part in others.split(",")], "--other")
+    else:
+        parsed = read_labels_file(others_file)
+    for label in parsed:
+        for wanted in labels:
+            if _key(label) == _key(wanted):
+                raise UserError(
+                    f"{label!r} is both a label and a background label (--other); keep it in one"
+                )
+    return tuple(parsed)

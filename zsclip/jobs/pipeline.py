@@ -259,6 +259,7 @@ def decode_bytes(
             background=config.background,
             max_pixels=max_pixels,
             reserve=reserve,
+            name=name,
         )
 
     return _decode_with(name, load, config, options)
