@@ -314,3 +314,32 @@ def test_background_labels_are_scored_zero_shot_beside_a_head(world: Path) -> No
         sum(t["score"] for t in row["top"]) + row["other"] == pytest.approx(1, abs=1e-4)
         for row in rows
     )  # one softmax over the head's 5 labels and the background label
+
+
+def test_sort_files_by_what_the_examples_taught(world: Path, tmp_path: Path) -> None:
+    # `sort` takes --examples and --head as classify does: the grey hearts go to dax/, as the
+    # few-shot classify run says, and a head fitted before sorts them the same way.
+    expected, _ = classify(world, "--examples", str(world / "examples"))
+    where = {row["path"]: row["label"] for row in expected}
+    head_file = tmp_path / "h.safetensors"
+    fit = run_cli(
+        ["fit", str(world / "examples"), "-L", str(world / "labels.txt"), "-o", str(head_file)]
+    )
+    assert fit.code == 0, fit.stderr
+    for taught, dest in (
+        (["--examples", str(world / "examples")], tmp_path / "by-examples"),
+        (["--head", str(head_file)], tmp_path / "by-head"),
+    ):
+        run = run_cli(
+            ["sort", str(world / "test"), "--to", str(dest), "-L", str(world / "labels.txt")]
+            + [*taught, "-f", "jsonl"]
+        )
+        assert run.code == 0, run.stderr
+        rows = [json.loads(line) for line in run.stdout.splitlines()]
+        assert {row["path"]: row["label"] for row in rows} == where
+        taught_dax = [path for path, label in where.items() if label == "dax"]
+        assert len(taught_dax) >= TESTS // 2  # a label its words never taught the model
+        assert len(list((dest / "dax").iterdir())) == len(taught_dax)
+        for row in rows:  # each copy is in its label's folder, with the image's bytes
+            assert Path(row["to"]).parent == dest / row["label"]
+            assert Path(row["to"]).read_bytes() == Path(row["path"]).read_bytes()

@@ -20,6 +20,7 @@ from zsclip.cli._classifying import (
     TemplatesOpt,
     ThresholdOpt,
 )
+from zsclip.cli._fewshot import ExamplesOpt, HeadOpt
 from zsclip.cli._options import (
     BatchSizeOpt,
     CacheOpt,
@@ -75,6 +76,8 @@ def sort_command(
     min_score: MinScoreOpt = None,
     other: OtherOpt = None,
     other_file: OtherFileOpt = None,
+    examples: ExamplesOpt = None,
+    head: HeadOpt = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy the images (the default).")] = False,
     move: Annotated[bool, typer.Option("--move", help="Move the images.")] = False,
     link: Annotated[
@@ -132,21 +135,30 @@ def sort_command(
         raise UserError("no INPUT: give image files, folders, or - to read paths from stdin")
     if sum((copy, move, link)) > 1:
         raise UserError("give one of --copy, --move and --link")
+    from zsclip.cli._fewshot import FewShot, run_labels
+
+    head_labels = head is not None and labels is None and labels_file is None  # the head's own
+    label_list = None if head_labels else run_labels(labels, labels_file, examples)
+    few, label_list = FewShot.check(examples, head, label_list, templates)
     choices = Choices(
-        labels, labels_file, templates, multi_label, threshold, min_score, other, other_file
-    )
+        labels, labels_file, templates, multi_label, threshold, min_score, other, other_file,
+        given=tuple(label_list),
+    )  # fmt: skip
+    taught = {"examples": examples, "head": head}  # a rerun must be taught the same way
     settings = _settings(
-        choices, to, "move" if move else "link" if link else "copy", model, dry_run
+        choices, to, "move" if move else "link" if link else "copy", model, dry_run, taught
     )
     run = _Run(
-        inputs, choices, settings, chosen, output, quiet,
+        inputs, choices, settings, chosen, output, quiet, few,
         dict(model=model, vocab=vocab, device=device, precision=precision, offline=offline),
         dict(batch_size=batch_size, workers=workers, exact=exact_preprocess, cache=cache),
     )  # fmt: skip
     run.go()
 
 
-def _settings(choices: Choices, to: Path, mode: str, model: str | None, dry_run: bool):
+def _settings(
+    choices: Choices, to: Path, mode: str, model: str | None, dry_run: bool, taught: dict
+):
     """The sort's settings; `request` is what must match for a rerun to carry on a crashed run."""
     from zsclip.jobs.sort import SortSettings
 
@@ -157,8 +169,9 @@ def _settings(choices: Choices, to: Path, mode: str, model: str | None, dry_run:
         **{
             key: str(value) if isinstance(value, Path) else value
             for key, value in vars(choices).items()
-            if key not in ("labels", "labels_file", "other", "other_file")
+            if key not in ("labels", "labels_file", "other", "other_file", "given")
         },
+        **{key: os.path.abspath(value) for key, value in taught.items() if value is not None},
         "model": model or os.environ.get("ZSCLIP_MODEL") or "",
     }
     dest = os.path.abspath(os.fspath(to))
@@ -168,9 +181,9 @@ def _settings(choices: Choices, to: Path, mode: str, model: str | None, dry_run:
 class _Run:
     """One `zsclip sort` run: open the sorter (lock, recovery), gather, classify, file, write."""
 
-    def __init__(self, inputs, choices, settings, fmt, output, quiet, load, pipeline) -> None:
+    def __init__(self, inputs, choices, settings, fmt, output, quiet, few, load, pipeline) -> None:
         self.inputs, self.choices, self.settings = inputs, choices, settings
-        self.fmt, self.output, self.quiet = fmt, output, quiet
+        self.fmt, self.output, self.quiet, self.few = fmt, output, quiet, few
         self.load, self.pipeline = load, pipeline
 
     def go(self) -> None:
@@ -199,6 +212,7 @@ class _Run:
     def _predictions(self, pending, label_list):
         """Classify the pending images (the model is loaded only when there are some)."""
         from zsclip.cli._classifying import warn_about_labels
+        from zsclip.cli._fewshot import report_head
         from zsclip.cli._output import warn
         from zsclip.cli._runtime import cache_summary, load_for_inference
         from zsclip.jobs import classify as job
@@ -208,21 +222,34 @@ class _Run:
             **self.load, quiet=self.quiet, announce=False
         )
         _, others = self.choices.check()
-        warn_about_labels(loaded, label_list, self.choices.multi_label, self.quiet, others)
+        few, multi_label = self.few, self.choices.multi_label
+        taught = {label for label, count in zip(label_list, few.counts(label_list)) if count}
+        warn_about_labels(loaded, label_list, multi_label, self.quiet, others, taught)
         workers = self.pipeline["workers"]
+        workers = default_workers() if workers is None else workers
+        batch_size, use_cache = self.pipeline["batch_size"], self.pipeline["cache"]
+        decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=self.pipeline["exact"])
+        template_choice = few.templates(loaded, self.choices.templates)
         request = job.ClassifyRequest(
             labels=label_list,
-            templates=self.choices.templates,
+            templates=template_choice,
             items=pending,
             options=self.choices.options(loaded, top_k=1),
-            batch_size=self.pipeline["batch_size"],
-            workers=default_workers() if workers is None else workers,
-            decode=DecodeOptions.for_model(
-                loaded.preprocess.image_size, exact=self.pipeline["exact"]
+            batch_size=batch_size,
+            workers=workers,
+            decode=decode,
+            use_cache=use_cache,
+            examples=few.source(
+                template_choice, decode, batch_size=batch_size, workers=workers, use_cache=use_cache
             ),
-            use_cache=self.pipeline["cache"],
+            head=few.head,
         )
         run = job.start(loaded, request, device=torch_device, dtype=dtype, warn=warn)
+        source = "--examples" if few.head is None else f"--head {few.head_path}"
+        threshold = request.options.threshold
+        report_head(
+            run.head, source=source, multi_label=multi_label, threshold=threshold, quiet=self.quiet
+        )
         try:
             yield from run.predictions
         finally:
