@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 
 import pytest
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Programs inherit ignored signals: under nohup SIGHUP is ignored, in a background shell job
+    # SIGINT. The tests that signal zsclip need the defaults, as from a terminal. A Python handler
+    # is not inherited across exec, so one that does nothing gives every child the defaults while
+    # the test run itself still ignores what it was started to ignore.
+    for signum in (signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignore)
 
 
 def _open_clip_vocab() -> Path | None:

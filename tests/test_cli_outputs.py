@@ -298,19 +298,11 @@ run()
 """
 
 
-def _default_signals() -> None:
-    # The run under test starts as from a terminal, whatever started the tests: nohup (SIGHUP
-    # ignored) or a background shell job (SIGINT ignored) would otherwise hide its handlers.
-    for signum in (signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
-
-
 def _start_stalled(world: dict, out: Path) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-c", STALLED_RUN, *_model_args(world), "-q", "-o", str(out)],
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_signals,
     )
     line = process.stderr.readline()
     assert line == "zsclip-test: writing\n", line + process.stderr.read()
