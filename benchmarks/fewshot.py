@@ -75,7 +75,7 @@ class Model:
     def __init__(self) -> None:
         from zsclip.api import load_full
         from zsclip.core.transform import Preprocess
-        from zsclip.jobs.classify import logit_scale_of
+        from zsclip.jobs.scores import logit_scale_of
 
         self.loaded = load_full(None, device="cpu")
         self.preprocess = Preprocess(self.loaded.preprocess)
@@ -234,8 +234,8 @@ def multi_label(
 def curve(split: Split, model: Model, draws: int, groups: dict[str, torch.Tensor]) -> dict:
     """{group: {shots: {method: [top-1 per draw]}}}, multi-label macro-F1 per shots, and the auto
     choices per shots."""
-    from zsclip.jobs.classify import model_threshold
     from zsclip.jobs.fewshot import fit_heads
+    from zsclip.jobs.scores import model_threshold
 
     default = model_threshold(model.loaded.metadata)
     f1: dict = {}

@@ -85,8 +85,9 @@ def best_scores(loaded, paths: list[str], labels: list[str], others: tuple[str, 
     """(best label, its score, best background score or None) per image, via the classify job."""
     import torch
 
-    from zsclip.jobs.classify import ClassifyOptions, ClassifyRequest, start
+    from zsclip.jobs.classify import ClassifyRequest, start
     from zsclip.jobs.inputs import InputItem
+    from zsclip.jobs.scores import ClassifyOptions
 
     request = ClassifyRequest(
         labels=labels,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from zsclip.jobs.classify import ClassifyOptions, Prediction, judged
+from zsclip.jobs.classify import Prediction, judged
+from zsclip.jobs.scores import ClassifyOptions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SHOWN = "blue circle,red heart,green star"  # three of the eight example images

@@ -291,7 +291,7 @@ def test_a_missing_head_file_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_a_head_scores_extra_labels_zero_shot_beside_its_own() -> None:
-    from zsclip.jobs.classify import ClassifyOptions
+    from zsclip.jobs.scores import ClassifyOptions
 
     head = a_head()
     gen = torch.Generator().manual_seed(2)

@@ -16,7 +16,7 @@ import typer
 
 if TYPE_CHECKING:
     from zsclip.core.checkpoints import LoadedModel
-    from zsclip.jobs.classify import ClassifyOptions
+    from zsclip.jobs.scores import ClassifyOptions
 
 LabelsOpt = Annotated[
     Optional[str],
@@ -112,7 +112,7 @@ class Choices:
 
     def options(self, loaded: "LoadedModel", top_k: int) -> "ClassifyOptions":
         """The job's options; the multi-label threshold defaults to the model's own."""
-        from zsclip.jobs.classify import ClassifyOptions, model_threshold
+        from zsclip.jobs.scores import ClassifyOptions, model_threshold
 
         _, others = self.check()
         threshold = self.threshold

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING
 from zsclip.cli._writers import path_budget, shorten_left
 from zsclip.errors import UserError
 from zsclip.escapes import csv_text, for_display, json_text
-from zsclip.jobs.classify import _score
+from zsclip.jobs.scores import rounded_score
 
 if TYPE_CHECKING:
     from zsclip.jobs.duplicates import Group
@@ -37,7 +37,7 @@ def _delimited(stream: IO[str], fmt: str):
 def hit_record(hit: "Hit") -> dict:
     if hit.error is not None:
         return {"path": hit.path, "error": hit.error}
-    return {"path": hit.path, "score": _score(hit.score)}
+    return {"path": hit.path, "score": rounded_score(hit.score)}
 
 
 class HitWriter:
@@ -84,7 +84,7 @@ class HitWriter:
 def group_record(group: "Group") -> dict:
     return {
         "paths": group.paths,
-        "min_score": _score(group.min_score),
+        "min_score": rounded_score(group.min_score),
         "identical": group.identical,
     }
 

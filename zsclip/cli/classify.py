@@ -265,7 +265,8 @@ def _classify_remote(url: str, items, request, sinks: _Sinks, xmp: bool) -> None
     sidecars are written here, beside the images)."""
     from zsclip.cli._output import warn
     from zsclip.cli._remote import classify_remote
-    from zsclip.jobs.classify import ClassifyOptions, tagged
+    from zsclip.jobs.classify import tagged
+    from zsclip.jobs.scores import ClassifyOptions
 
     run = classify_remote(url, items, request, warn)
     options = ClassifyOptions(

@@ -99,10 +99,10 @@ def fit(
     from zsclip.cli._output import warn
     from zsclip.cli._runtime import check_outputs, load_for_inference
     from zsclip.errors import UserError
-    from zsclip.jobs.classify import model_threshold
     from zsclip.jobs.fewshot import CONTRASTS, METHODS, FitOptions
     from zsclip.jobs.heads import save_head
     from zsclip.jobs.pipeline import DecodeOptions, default_workers
+    from zsclip.jobs.scores import model_threshold
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}: use {', '.join(METHODS)}")

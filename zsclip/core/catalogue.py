@@ -361,6 +361,7 @@ def fetch_hf(
     """The local folder of a Hugging Face CLIP repository: from the Hugging Face cache (or zsclip's
     old one) when a complete copy is there, else downloaded with huggingface_hub. A repository
     without the tokenizer's vocabulary also brings the standard one into zsclip's cache."""
+    progress = progress or _default_progress
     folder = hf_repos.fetch(repo_id, offline=offline, progress=progress)
     if not {"vocab.json", "merges.txt"} <= {p.name for p in folder.iterdir()}:
         with contextlib.suppress(DownloadError):  # the tokenizer then names --vocab itself

@@ -235,7 +235,7 @@ class _Getter:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # zsclip draws its own progress, on stderr, or none when --quiet
-        factory = self.progress or _default_factory()
+        factory = self.progress
         if name is None or factory is None:
             yield None
             return
@@ -250,12 +250,6 @@ def _takes_tqdm_class() -> bool:
     from huggingface_hub import hf_hub_download
 
     return "tqdm_class" in inspect.signature(hf_hub_download).parameters
-
-
-def _default_factory() -> ProgressFactory | None:
-    from zsclip.core import catalogue
-
-    return catalogue._default_progress
 
 
 def _tqdm_feeding(callback: Progress) -> type:

@@ -26,6 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from zsclip.jobs.inputs import InputItem
+from zsclip.jobs.scores import (
+    ClassifyOptions,
+    logit_scale_of,
+    rounded_score,
+    score_features,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -33,15 +39,11 @@ if TYPE_CHECKING:
     import torch
 
     from zsclip.core.checkpoints import LoadedModel
-    from zsclip.core.model import CLIP
     from zsclip.jobs.cache import ImageCache
     from zsclip.jobs.embedding_files import EmbeddingTable
     from zsclip.jobs.examples import FittedHead, HeadSource
     from zsclip.jobs.heads import Head
     from zsclip.jobs.pipeline import Decoded, DecodeOptions, ImageEncoder
-
-DEFAULT_TOP_K = 5
-DEFAULT_THRESHOLD = 0.25  # cosine; see the module docstring
 
 
 @dataclass
@@ -81,41 +83,6 @@ class Prediction:
         if multi_label:
             return [label for label, _ in self.accepted]
         return [] if self.label is None else [self.label]
-
-
-@dataclass(frozen=True)
-class ClassifyOptions:
-    top_k: int = DEFAULT_TOP_K  # labels kept per input (at most the number of labels)
-    multi_label: bool = False
-    # multi-label only: the cosine at which a label's score is 0.5
-    threshold: float = DEFAULT_THRESHOLD
-    min_score: float | None = None  # a best score below this: label None ("none of these")
-    others: tuple[str, ...] = ()  # background labels: scored, may win, reported as None
-
-
-def model_threshold(metadata: dict[str, str]) -> float:
-    """The multi-label threshold a checkpoint names (`multi_label_threshold`), else the default."""
-    try:
-        return float(metadata["multi_label_threshold"])
-    except (KeyError, ValueError):
-        return DEFAULT_THRESHOLD
-
-
-def logit_scale_of(model: "CLIP") -> float:
-    """exp(logit_scale), capped at 100 as in training."""
-    return float(model.logit_scale.detach().exp().clamp(max=100.0))
-
-
-def score_features(
-    features: "torch.Tensor", classifier: "torch.Tensor", scale: float, options: ClassifyOptions
-) -> "torch.Tensor":
-    """[N, D] unit image features x [D, C] classifier -> [N, C] scores (see the module docstring)."""
-    import torch
-
-    cosine = features.float() @ classifier.float()  # [N, C]
-    if options.multi_label:
-        return torch.sigmoid(scale * (cosine - options.threshold))
-    return torch.softmax(scale * cosine, dim=-1)
 
 
 def ranked(
@@ -194,10 +161,6 @@ def predictions_for(
         row += 1
 
 
-def _score(value: float) -> float:
-    return round(float(value), 6)
-
-
 def prediction_record(prediction: Prediction) -> dict[str, Any]:
     """The jsonl contract, shared by `classify` and `zsclip serve`: path, label, score, top (and with
     background labels, other) -- or path, error. `label` and `score` are null when no label was
@@ -207,11 +170,11 @@ def prediction_record(prediction: Prediction) -> dict[str, Any]:
     record = {
         "path": prediction.path,
         "label": prediction.label,
-        "score": None if prediction.score is None else _score(prediction.score),
-        "top": [{"label": label, "score": _score(score)} for label, score in prediction.top],
+        "score": None if prediction.score is None else rounded_score(prediction.score),
+        "top": [{"label": label, "score": rounded_score(score)} for label, score in prediction.top],
     }
     if prediction.other is not None:
-        record["other"] = _score(prediction.other)
+        record["other"] = rounded_score(prediction.other)
     return record
 
 

@@ -171,8 +171,8 @@ def fit_examples(
     """Fit the head on embedded examples x [N, D] with labels y [N], and choose its thresholds."""
     import torch.nn.functional as F
 
-    from zsclip.jobs.classify import logit_scale_of, model_threshold
     from zsclip.jobs.fewshot import choose_thresholds, fit_head
+    from zsclip.jobs.scores import logit_scale_of, model_threshold
 
     fitted = fit_head(x, y, text, logit_scale_of(loaded.model), source.options)
     default = model_threshold(loaded.metadata)  # kept where the examples show nothing better

@@ -33,7 +33,7 @@ from zsclip.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from zsclip.jobs.classify import ClassifyOptions
+    from zsclip.jobs.scores import ClassifyOptions
 
 FORMAT_NAME = "zsclip-head"
 FORMAT_VERSION = "1"

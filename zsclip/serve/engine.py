@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from zsclip.errors import UserError
-from zsclip.jobs.classify import ClassifyOptions
+from zsclip.jobs.scores import ClassifyOptions
 from zsclip.serve.batcher import Batcher, TextWorker
 
 if TYPE_CHECKING:
@@ -116,8 +116,8 @@ class Engine:
         batching: Batching = Batching(),
         use_cache: bool = True,
     ) -> None:
-        from zsclip.jobs.classify import logit_scale_of
         from zsclip.jobs.pipeline import default_workers
+        from zsclip.jobs.scores import logit_scale_of
 
         self.loaded, self.device, self.dtype, self.use_cache = loaded, device, dtype, use_cache
         # a request never holds more than the whole queue, so it can always be let in eventually
@@ -389,7 +389,7 @@ class Engine:
         return TemplateSet("request", tuple(dict.fromkeys(templates)))
 
     def _options(self, params: ClassifyParams) -> ClassifyOptions:
-        from zsclip.jobs.classify import model_threshold
+        from zsclip.jobs.scores import model_threshold
 
         threshold = params.threshold
         if threshold is not None and not params.multi_label:
@@ -425,8 +425,8 @@ class Engine:
 
     def describe(self) -> dict:
         from zsclip.core.devices import precision_name
-        from zsclip.jobs.classify import model_threshold
         from zsclip.jobs.labels import available_template_sets
+        from zsclip.jobs.scores import model_threshold
 
         loaded, config = self.loaded, self.loaded.model.config
         return {
