@@ -157,9 +157,17 @@ def test_index_round_trip_and_queries_agree_with_exact(tmp_path: Path) -> None:
     assert again.entries == index.entries and len(again) == 300
     queries = unit(20, 32, seed=5)
     exact = (queries @ vectors.T).topk(5, dim=1)
-    for row, found in enumerate(again.search(queries, 5)):  # 300 vectors: the graph is exact
-        assert [n.path for n in found] == [f"/photos/{i:04d}.jpg" for i in exact.indices[row]]
-        assert [n.score for n in found] == pytest.approx(exact.values[row].tolist(), abs=1e-5)
+    found_right = 0
+    for row, found in enumerate(again.search(queries, 5)):
+        # every answer is a real neighbour with its true cosine (f32 storage), best first ...
+        rows = [int(n.path.removeprefix("/photos/").removesuffix(".jpg")) for n in found]
+        true = (vectors[rows] @ queries[row]).tolist()
+        assert [n.score for n in found] == pytest.approx(true, abs=1e-5)
+        assert true == sorted(true, reverse=True)
+        found_right += len(set(rows) & set(exact.indices[row].tolist()))
+    # ... and nearly always the exact ones: the graph is approximate and built by several threads,
+    # so a miss varies from run to run (measured recall@5 here 0.98-1.0)
+    assert found_right / (5 * len(queries)) >= 0.9
 
 
 @needs_index
@@ -250,10 +258,19 @@ def test_index_search_filters_to_the_inputs_and_meets_the_limit(tmp_path: Path) 
     chosen = list(range(0, 400, 10))
     synced = search.Synced(positions={f"/photos/{i:04d}.jpg": [n] for n, i in enumerate(chosen)})
     query = unit(1, 16, seed=8)[0]
+    true = (vectors[chosen] @ query).tolist()  # [40] the inputs' cosines
     for limit in (search.Limit(5), search.Limit(None, 0.3), search.Limit(2, 0.1)):
         ranked = search.index_search(index, synced, query, limit)
         expected = search.rank_matrix(vectors[chosen], query, limit, range(len(chosen)))
-        assert [p for p, _ in ranked] == [p for p, _ in expected]
+        # only the run's inputs, each with its true cosine, best first, within the limit ...
+        assert [score for _, score in ranked] == pytest.approx([true[p] for p, _ in ranked])
+        assert [score for _, score in ranked] == sorted((s for _, s in ranked), reverse=True)
+        assert len(ranked) <= (limit.top_k or len(chosen))
+        assert all(score >= (limit.min_score or -1.0) for _, score in ranked)
+        # ... and the exact answer but for at most one miss of the approximate graph, whose
+        # build by several threads varies from run to run
+        assert len({p for p, _ in ranked} & {p for p, _ in expected}) >= len(expected) - 1
+        assert len(ranked) >= len(expected) - 1
 
 
 @needs_index

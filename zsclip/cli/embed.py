@@ -88,7 +88,6 @@ def embed(
     )
     from zsclip.cli._writers import EmbeddingStream
     from zsclip.errors import UserError
-    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.embed import embed_images, embed_texts
     from zsclip.jobs.embedding_files import EmbeddingFile
     from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder, default_workers
@@ -127,17 +126,17 @@ def embed(
         )
     else:
         decode = DecodeOptions.for_model(loaded.preprocess.image_size, exact=exact_preprocess)
-        images_cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=cache, warn=warn)
-        encoder = ImageEncoder(
-            loaded.model,
-            loaded.preprocess,
+        encoder = ImageEncoder.with_cache(
+            loaded,
             torch_device,
             dtype,
+            decode=decode,
             batch_size=batch_size,
             workers=default_workers() if workers is None else workers,
-            decode=decode,
-            cache=images_cache,
+            use_cache=cache,
+            warn=warn,
         )
+        images_cache = encoder.cache
         rows = embed_images(encoder, items)
         total = len(items)
     destination = "stdout" if output is None else str(output)

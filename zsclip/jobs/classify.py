@@ -264,7 +264,6 @@ def start(
 ) -> ClassifyRun:
     """The classify job: builds (or reads from its cache) the zero-shot classifier, then predicts
     lazily for the images or the saved embeddings."""
-    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
     from zsclip.jobs.zeroshot import classifier_for
 
@@ -289,17 +288,17 @@ def start(
         predictions = tagged(predictions, request.options.multi_label, request.xmp)
         return ClassifyRun(predictions, len(table.keys) + len(table.errors), None, fitted)
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
-    encoder = ImageEncoder(
-        loaded.model,
-        loaded.preprocess,
+    encoder = ImageEncoder.with_cache(
+        loaded,
         device,
         dtype,
+        decode=decode,
         batch_size=request.batch_size,
         workers=request.workers,
-        decode=decode,
-        cache=cache,
+        use_cache=request.use_cache,
+        warn=warn,
     )
+    cache = encoder.cache
     items = request.items or []
     predictions = classify_images(encoder, items, classifier, request.labels, request.options, head)
     return ClassifyRun(

@@ -316,7 +316,6 @@ def start(
     progress: Progress = lambda done: None,
 ) -> DuplicatesRun:
     """Identical files first, then the embeddings of the distinct ones (module docstring)."""
-    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
 
     if not 0.0 < request.threshold <= 1.0:
@@ -327,17 +326,17 @@ def start(
     reps = [p for p in range(len(items)) if p not in copy_of]
     progress(len(copy_of))
     decode = request.decode or DecodeOptions()
-    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
-    encoder = ImageEncoder(
-        loaded.model,
-        loaded.preprocess,
+    encoder = ImageEncoder.with_cache(
+        loaded,
         device,
         dtype,
+        decode=decode,
         batch_size=request.batch_size,
         workers=request.workers,
-        decode=decode,
-        cache=cache,
+        use_cache=request.use_cache,
+        warn=warn,
     )
+    cache = encoder.cache
     method = choose_method(request.index, len(reps), DUPLICATES_INDEX_MIN, cache, note)
     if method == "index":
         from zsclip.jobs.vector_index import VectorIndex

@@ -219,21 +219,20 @@ def _embed_examples(
     """x [N, D] and y [N] of the readable examples, and how they were had."""
     import torch
 
-    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.pipeline import ImageEncoder
 
     decode = replace(source.decode, thumbnail_size=None)
-    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=source.use_cache, warn=warn)
-    encoder = ImageEncoder(
-        loaded.model,
-        loaded.preprocess,
+    encoder = ImageEncoder.with_cache(
+        loaded,
         device,
         dtype,
+        decode=decode,
         batch_size=source.batch_size,
         workers=source.workers,
-        decode=decode,
-        cache=cache,
+        use_cache=source.use_cache,
+        warn=warn,
     )
+    cache = encoder.cache
     examples = source.examples
     rows, targets, unreadable, position = [], [], [], 0
     try:

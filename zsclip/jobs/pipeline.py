@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from zsclip.core.checkpoints import LoadedModel
     from zsclip.core.model import CLIP
     from zsclip.core.transform import PreprocessConfig
     from zsclip.jobs.cache import FileStamp, ImageCache
@@ -543,4 +544,33 @@ class ImageEncoder:
             dtype=self.dtype,
             preprocess=self.preprocess,
             cache=self.cache,
+        )
+
+    @classmethod
+    def with_cache(
+        cls,
+        loaded: "LoadedModel",
+        device: "torch.device",
+        dtype: "torch.dtype",
+        *,
+        decode: DecodeOptions,
+        batch_size: int = 32,
+        workers: int = 0,
+        use_cache: bool = True,
+        warn: Callable[[str], None] = lambda message: None,
+    ) -> "ImageEncoder":
+        """The encoder of a loaded model, with the image-embedding cache for its preprocessing and
+        precision (none when `use_cache` is off or the model has no file to identify it by)."""
+        from zsclip.jobs.cache import image_cache_for
+
+        cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=use_cache, warn=warn)
+        return cls(
+            loaded.model,
+            loaded.preprocess,
+            device,
+            dtype,
+            batch_size=batch_size,
+            workers=workers,
+            decode=decode,
+            cache=cache,
         )

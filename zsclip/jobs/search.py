@@ -403,24 +403,23 @@ def start(
 ) -> SearchRun:
     """Embed the query, then rank the inputs (exactly or with the index; see the module
     docstring)."""
-    from zsclip.jobs.cache import image_cache_for
     from zsclip.jobs.pipeline import DecodeOptions, ImageEncoder
 
     request.query.check()
     decode = request.decode or DecodeOptions()
     if request.embeddings is not None:
         return _search_file(loaded, request, decode, device=device, dtype=dtype, warn=warn)
-    cache = image_cache_for(loaded, decode.draft_size, dtype, enabled=request.use_cache, warn=warn)
-    encoder = ImageEncoder(
-        loaded.model,
-        loaded.preprocess,
+    encoder = ImageEncoder.with_cache(
+        loaded,
         device,
         dtype,
+        decode=decode,
         batch_size=request.batch_size,
         workers=request.workers,
-        decode=decode,
-        cache=cache,
+        use_cache=request.use_cache,
+        warn=warn,
     )
+    cache = encoder.cache
     query = query_vector(loaded, encoder, request.query, device=device, dtype=dtype)
     items = list(request.items)
     method = choose_method(request.index, len(items), SEARCH_INDEX_MIN, cache, note)
