@@ -355,7 +355,7 @@ def test_duplicates_exact_and_index_agree(copies: dict) -> None:
     ]
 
 
-def test_python_api(world: dict, copies: dict) -> None:
+def test_python_api(world: dict, copies: dict, tmp_path: Path) -> None:
     import zsclip
 
     hits = zsclip.search(world["photos"], "red circle", top_k=10)
@@ -363,3 +363,8 @@ def test_python_api(world: dict, copies: dict) -> None:
     assert precision([{"path": hit.path} for hit in hits]) >= TEXT_PRECISION_FLOOR
     groups = zsclip.duplicates(copies["folder"])
     assert len(groups) == 4 and all(len(group.paths) >= 3 for group in groups)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    with pytest.warns(UserWarning, match=r"cannot read .*broken\.jpg"):
+        again = zsclip.duplicates([copies["folder"], broken])
+    assert [group.paths for group in again] == [group.paths for group in groups]

@@ -166,8 +166,8 @@ def duplicates(
 ) -> list:
     """Groups of near-duplicate and byte-identical images under `inputs`: a list of
     `zsclip.jobs.duplicates.Group` (paths in input order, min_score, identical). `threshold`
-    defaults to the model's own, else the generic one (docs/search.md). Unreadable images are
-    skipped here; the CLI reports them."""
+    defaults to the model's own, else the generic one (docs/search.md). Unreadable images are in
+    no group; one `UserWarning` names how many and the first of them with its reason."""
     from zsclip.jobs import duplicates as job
     from zsclip.jobs.pipeline import DecodeOptions
 
@@ -182,4 +182,10 @@ def duplicates(
     run = job.start(loaded, request, device=torch_device, dtype=dtype)
     if run.cache is not None:
         run.cache.close()
+    if run.errors:
+        import warnings
+
+        path, reason = run.errors[0]
+        more = f" (and {len(run.errors) - 1} more)" if len(run.errors) > 1 else ""
+        warnings.warn(f"zsclip.duplicates: cannot read {path}: {reason}{more}", stacklevel=2)
     return run.groups
