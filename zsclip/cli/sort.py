@@ -4,8 +4,9 @@ undoably (zsclip.jobs.sort; docs/acting.md)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -178,13 +179,19 @@ def _settings(
     return SortSettings(dest=dest, mode=mode, request=request, dry_run=dry_run)
 
 
+@dataclass
 class _Run:
     """One `zsclip sort` run: open the sorter (lock, recovery), gather, classify, file, write."""
 
-    def __init__(self, inputs, choices, settings, fmt, output, quiet, few, load, pipeline) -> None:
-        self.inputs, self.choices, self.settings = inputs, choices, settings
-        self.fmt, self.output, self.quiet, self.few = fmt, output, quiet, few
-        self.load, self.pipeline = load, pipeline
+    inputs: Optional[list[str]]
+    choices: Choices
+    settings: Any  # zsclip.jobs.sort.SortSettings
+    fmt: str
+    output: Optional[Path]
+    quiet: bool
+    few: Any  # zsclip.cli._fewshot.FewShot: --examples / --head, read before the model
+    load: dict  # keyword arguments of load_for_inference
+    pipeline: dict  # batch_size, workers, exact, cache
 
     def go(self) -> None:
         from zsclip.cli._output import note
