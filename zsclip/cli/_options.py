@@ -72,3 +72,28 @@ CacheOpt = Annotated[
         "image is encoded again when its size or modification time changes.",
     ),
 ]
+# The row-writing commands (classify, search, duplicates): where the rows go and in what form.
+IndexOpt = Annotated[
+    str,
+    typer.Option(
+        "--index",
+        metavar="MODE",
+        help="auto: the approximate index (pip install 'zsclip[index]') for large folders (search: "
+        "50,000 images and more; duplicates: 200,000), exact below; always; never (always exact).",
+    ),
+]
+FormatOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        "-f",
+        help="table, jsonl, csv or tsv. Default: table on a terminal, jsonl otherwise "
+        "(with --output: from its suffix).",
+    ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output", "-o", help="Write the rows to this file (atomically) instead of stdout."
+    ),
+]

@@ -27,6 +27,7 @@ from zsclip.cli._options import (
     CacheOpt,
     DeviceOpt,
     ExactPreprocessOpt,
+    FormatOpt,
     InputsArg,
     ModelOpt,
     OfflineOpt,
@@ -72,15 +73,7 @@ def classify(
     min_score: MinScoreOpt = None,
     other: OtherOpt = None,
     other_file: OtherFileOpt = None,
-    fmt: Annotated[
-        Optional[str],
-        typer.Option(
-            "--format",
-            "-f",
-            help="table, jsonl, csv or tsv. Default: table on a terminal, jsonl otherwise "
-            "(with --output: from its suffix).",
-        ),
-    ] = None,
+    fmt: FormatOpt = None,
     output: Annotated[
         Optional[Path],
         typer.Option(

@@ -12,15 +12,17 @@ from zsclip.cli._options import (
     CacheOpt,
     DeviceOpt,
     ExactPreprocessOpt,
+    FormatOpt,
+    IndexOpt,
     InputsArg,
     ModelOpt,
     OfflineOpt,
+    OutputOpt,
     PrecisionOpt,
     QuietOpt,
     VocabOpt,
     WorkersOpt,
 )
-from zsclip.cli.search import FormatOpt, IndexOpt, OutputOpt
 
 EPILOG = """\b
 Examples:

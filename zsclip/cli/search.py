@@ -12,9 +12,12 @@ from zsclip.cli._options import (
     CacheOpt,
     DeviceOpt,
     ExactPreprocessOpt,
+    FormatOpt,
+    IndexOpt,
     InputsArg,
     ModelOpt,
     OfflineOpt,
+    OutputOpt,
     PrecisionOpt,
     QuietOpt,
     VocabOpt,
@@ -52,30 +55,6 @@ ImageOpt = Annotated[
     Optional[list[Path]],
     typer.Option(
         "--image", help="An example image to search by (repeatable; averaged with --text)."
-    ),
-]
-IndexOpt = Annotated[
-    str,
-    typer.Option(
-        "--index",
-        metavar="MODE",
-        help="auto: the approximate index (pip install 'zsclip[index]') for large folders (search: "
-        "50,000 images and more; duplicates: 200,000), exact below; always; never (always exact).",
-    ),
-]
-FormatOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--format",
-        "-f",
-        help="table, jsonl, csv or tsv. Default: table on a terminal, jsonl otherwise "
-        "(with --output: from its suffix).",
-    ),
-]
-OutputOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--output", "-o", help="Write the rows to this file (atomically) instead of stdout."
     ),
 ]
 
