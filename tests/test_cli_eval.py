@@ -104,7 +104,7 @@ def _fresh_set(root: Path, combos: list[tuple[str, str]], per_class: int, seed: 
 def _run_eval(args: list[str]) -> dict:
     from typer.testing import CliRunner
 
-    from zsclip.cli import app
+    from zsclip.cli.app import app
 
     result = CliRunner().invoke(app, ["eval", *args, "--format", "json", "--device", "cpu"])
     assert result.exit_code == 0, result.output

@@ -292,7 +292,7 @@ def stalled(model, items, *args, **kwargs):
     time.sleep(600)
 
 job.classify_images = stalled
-from zsclip.cli.app import run
+from zsclip.cli import run
 sys.argv = ["zsclip", *sys.argv[1:]]
 run()
 """

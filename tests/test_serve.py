@@ -311,6 +311,82 @@ def test_min_score_and_xmp_through_the_server_match_the_local_run(
     assert refused.code == 2 and "--other does not work with --server" in refused.stderr
 
 
+def _zsclip(entry: list[str], args: list[str], cwd: Path, stdin: str = "") -> tuple:
+    process = subprocess.run(
+        [sys.executable, "-X", "importtime", *entry, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={k: v for k, v in os.environ.items() if k not in ("ZSCLIP_SERVER", "ZSCLIP_DEBUG")},
+        timeout=STARTUP_S,
+    )
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in process.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    stderr = "".join(
+        line + "\n" for line in process.stderr.splitlines() if not line.startswith("import time:")
+    )
+    outputs = {path.name: path.read_bytes() for path in cwd.glob("out*")}
+    for path in cwd.glob("out*"):
+        path.unlink()
+    return (process.returncode, process.stdout, stderr, outputs), imported
+
+
+def test_classify_server_without_typer_is_the_typer_command(plain: Served, tmp_path: Path) -> None:
+    """`zsclip classify --server` (read without Typer, zsclip.cli._quick) against the Typer command
+    itself: the same stdout, stderr, exit status and files, and none of Typer, pydantic, torch, PIL
+    or rich imported on the way."""
+    url = f"http://127.0.0.1:{plain.port}"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "templates.txt").write_text("a drawing of a {}\n{} on white\n")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    image, labels = str(EXAMPLES / "red-heart.png"), str(EXAMPLES / "labels.txt")
+    cases = [  # (arguments, stdin, exit status)
+        ([image, "-L", labels, "--server", url], "", 0),
+        ([image, "-l", "red heart,blue circle", "-k1", "--format=csv", "--server", url], "", 0),
+        (["-", "-L", labels, "-t", "templates.txt", "-o", "out.tsv", "--server", url], image, 0),
+        (
+            [
+                image,
+                "broken.png",
+                "-L",
+                labels,
+                "--multi-label",
+                "--threshold",
+                "0.2",
+                "-q",
+                "--server",
+                url,
+            ],
+            "",
+            1,
+        ),
+        ([image, "-L", labels, "--min-score", "0.99", "-f", "jsonl", "--server", url], "", 0),
+        ([image, "--server", url], "", 2),  # no labels
+        ([image, "-l", "a,b", "--threshold", "0.3", "--server", url], "", 2),  # not multi-label
+        ([image, "-l", "a,b", "--server", nobody], "", 4),
+    ]
+    typer_entry = ["-c", "from zsclip.cli.app import main; main()", "classify"]
+    try:
+        for args, stdin, status in cases:
+            quick, imported = _zsclip(["-m", "zsclip", "classify"], args, tmp_path, stdin)
+            typed, _ = _zsclip(typer_entry, args, tmp_path, stdin)
+            assert quick == typed, args
+            assert quick[0] == status, (args, quick)
+            heavy = {name for name in imported if name.split(".")[0] in _HEAVY}
+            assert not heavy, (args, sorted(heavy))
+    finally:
+        closed.close()
+
+
+_HEAVY = {"typer", "click", "pydantic", "pydantic_core", "torch", "PIL", "rich", "numpy"}
+
+
 def test_classify_without_a_server_says_so_in_one_line(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

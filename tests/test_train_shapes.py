@@ -91,7 +91,7 @@ def test_same_seed_same_bytes(world, tmp_path):
 def test_shapes_command(tmp_path):
     from typer.testing import CliRunner
 
-    from zsclip.cli import app
+    from zsclip.cli.app import app
 
     result = CliRunner().invoke(
         app,

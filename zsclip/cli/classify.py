@@ -3,14 +3,12 @@ file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from zsclip.cli._classifying import (
-    Choices,
     LabelsFileOpt,
     LabelsOpt,
     MinScoreOpt,
@@ -19,7 +17,6 @@ from zsclip.cli._classifying import (
     OtherOpt,
     TemplatesOpt,
     ThresholdOpt,
-    warn_about_labels,
 )
 from zsclip.cli._fewshot import ExamplesOpt, HeadOpt
 from zsclip.cli._options import (
@@ -130,8 +127,44 @@ def classify(
     get a real CLIP with --model ViT-B/32 (338 MiB, downloaded once; `zsclip config set model
     ViT-B/32` makes it the default).
     """
+    if server:
+        _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
+        _refuse_local_options(examples=examples, head=head)
+        _refuse_local_options(precision=None if precision == "fp32" else precision)
+        if other is not None or other_file is not None:
+            from zsclip.errors import UserError
+
+            raise UserError(
+                "--other does not work with --server yet (the server scores only --labels); "
+                "use --min-score, or classify here without --server"
+            )
+        from zsclip.cli._classify_server import ServerClassify
+
+        remote = ServerClassify(
+            server=server,
+            inputs=inputs,
+            labels=labels,
+            labels_file=labels_file,
+            templates=templates,
+            top_k=top_k,
+            multi_label=multi_label,
+            threshold=threshold,
+            min_score=min_score,
+            fmt=fmt,
+            output=output,
+            report=report,
+            batch_size=batch_size,
+            exact_preprocess=exact_preprocess,
+            xmp=xmp,
+            quiet=quiet,
+        )
+        remote.run()
+        return
+
+    from zsclip.cli._choices import Choices, warn_about_labels
     from zsclip.cli._fewshot import FewShot, report_head, run_labels
     from zsclip.cli._output import stdout_is_terminal, warn
+    from zsclip.cli._predictions import Sinks, write_predictions
     from zsclip.cli._runtime import check_outputs, gather_inputs
     from zsclip.cli._writers import choose_format
     from zsclip.errors import UserError
@@ -155,35 +188,9 @@ def classify(
     chosen_format = choose_format(fmt, output, stdout_is_terminal())
     if embeddings is not None and inputs:
         raise UserError("give INPUT images or --embeddings FILE, not both")
-    if server:
-        _refuse_local_options(model=model, vocab=vocab, embeddings=embeddings, device=device)
-        _refuse_local_options(examples=examples, head=head)
-        _refuse_local_options(precision=None if precision == "fp32" else precision)
-        if other is not None or other_file is not None:
-            raise UserError(
-                "--other does not work with --server yet (the server scores only --labels); "
-                "use --min-score, or classify here without --server"
-            )
     items = None if embeddings is not None else gather_inputs(inputs, quiet)
     if items == []:
         warn("no images found in the INPUT given (folders are searched for image file extensions)")
-        return
-
-    if server:
-        from zsclip.cli._remote import RemoteClassify
-
-        request = RemoteClassify(
-            labels=label_list,
-            templates=templates,
-            top_k=top_k,
-            multi_label=multi_label,
-            threshold=threshold,
-            exact_preprocess=exact_preprocess,
-            batch_size=batch_size,
-            min_score=min_score,
-        )
-        sinks = _Sinks(chosen_format, output, report, quiet, thumbnails_from_files=True)
-        _classify_remote(server, items, request, sinks, xmp)
         return
 
     from zsclip.cli._report import THUMBNAIL_SIZE
@@ -233,11 +240,13 @@ def classify(
         threshold=request.options.threshold,
         quiet=quiet,
     )
-    sinks = _Sinks(
+    sinks = Sinks(
         chosen_format, output, report, quiet, thumbnails_from_files=embeddings is not None
     )
     try:  # exits 1 if some inputs failed
-        _write(run.predictions, run.total, label_list, request.options, sinks, loaded.name)
+        write_predictions(
+            run.predictions, run.total, label_list, request.options, sinks, loaded.name
+        )
     finally:
         cache_summary(run.cache, quiet)
 
@@ -251,96 +260,3 @@ def _refuse_local_options(**given) -> None:
             raise UserError(
                 f"--{name} does not apply with --server (the server's model answers); drop one"
             )
-
-
-def _classify_remote(url: str, items, request, sinks: _Sinks, xmp: bool) -> None:
-    """--server: the same rows, written the same way, from a running `zsclip serve` (--xmp
-    sidecars are written here, beside the images)."""
-    from zsclip.cli._output import warn
-    from zsclip.cli._remote import classify_remote
-    from zsclip.jobs.classify import tagged
-    from zsclip.jobs.scores import ClassifyOptions
-
-    run = classify_remote(url, items, request, warn)
-    options = ClassifyOptions(
-        top_k=request.top_k, multi_label=request.multi_label, min_score=request.min_score
-    )
-    predictions = tagged(run.predictions, options.multi_label, xmp)
-    _write(predictions, run.total, request.labels, options, sinks, run.model)
-
-
-@dataclass(frozen=True)
-class _Sinks:
-    """Where the predictions go: stdout or --output in `fmt`, and the optional HTML report."""
-
-    fmt: str
-    output: Optional[Path]
-    report: Optional[Path]
-    quiet: bool
-    thumbnails_from_files: bool  # no images were decoded here: report thumbnails read the files
-
-
-def _write(predictions, total: int, label_list, options, sinks: _Sinks, model_name: str) -> None:
-    """Write every prediction, then the report; exit status 1 when some inputs could not be read."""
-    from zsclip.cli._runtime import finish, output_stream, write_rows
-    from zsclip.cli._writers import prediction_writer
-
-    kept: list = []
-    with output_stream(sinks.output) as stream:
-        writer = prediction_writer(
-            sinks.fmt, stream, min(options.top_k, len(label_list)), _judging_columns(options)
-        )
-
-        def write(prediction) -> None:
-            writer.write(prediction)
-            if sinks.report is not None:
-                kept.append(prediction)
-
-        failures = write_rows(
-            predictions,
-            write,
-            total=total,
-            description="classifying",
-            quiet=sinks.quiet,
-            error_of=_failure_of,
-        )
-        writer.close()
-    if sinks.report is not None:
-        _write_report(
-            sinks.report,
-            kept,
-            label_list,
-            model_name,
-            options.multi_label,
-            sinks.thumbnails_from_files,
-        )
-    finish(failures, total, sinks.quiet)
-
-
-def _judging_columns(options) -> tuple[str, ...]:
-    """The csv/tsv columns that --min-score and --other add (zsclip.cli._writers)."""
-    columns: tuple[str, ...] = ()
-    if options.min_score is not None or options.others:
-        columns += ("best", "best_score")
-    if options.others:
-        columns += ("other",)
-    return columns
-
-
-def _failure_of(prediction) -> tuple[str, str] | None:
-    """An input that could not be read, or whose sidecar could not be written (--xmp)."""
-    if prediction.error is not None:
-        return prediction.path, prediction.error
-    if prediction.sidecar_error is not None:
-        return prediction.path, prediction.sidecar_error
-    return None
-
-
-def _write_report(path, predictions, label_list, model_name, multi_label, from_files) -> None:
-    from zsclip.cli._report import thumbnail_for, write_report
-
-    if from_files:  # nothing was decoded here: read thumbnails from the files if still there
-        for prediction in predictions:
-            if prediction.error is None:
-                prediction.thumbnail = thumbnail_for(prediction.path)
-    write_report(path, predictions, label_list, model_name=model_name, multi_label=multi_label)

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from zsclip.cli._choices import Choices
 from zsclip.cli._classifying import (
-    Choices,
     LabelsFileOpt,
     LabelsOpt,
     MinScoreOpt,
@@ -218,7 +218,7 @@ class _Run:
 
     def _predictions(self, pending, label_list):
         """Classify the pending images (the model is loaded only when there are some)."""
-        from zsclip.cli._classifying import warn_about_labels
+        from zsclip.cli._choices import warn_about_labels
         from zsclip.cli._fewshot import report_head
         from zsclip.cli._output import warn
         from zsclip.cli._runtime import cache_summary, load_for_inference

@@ -146,6 +146,9 @@ class Engine:
         self._classifiers: OrderedDict = OrderedDict()  # key -> (weights [D, C], warnings)
         self._building: dict = {}  # key -> asyncio.Future of the same, while it is built
         self._template_sets: dict = {}  # name (None: the model's) -> TemplateSet
+        # label lists that passed check_labels (Unicode folding of every label: a noticeable part
+        # of a small request's time), most recent last; bounded like the classifiers
+        self._checked: OrderedDict = OrderedDict()
 
     def start(self) -> None:
         self.batcher.start()
@@ -343,10 +346,18 @@ class Engine:
         from zsclip.jobs.labels import check_labels
 
         self._check_texts(labels, "labels", self.limits.max_labels)
+        key = tuple(labels)
+        if key in self._checked:
+            self._checked.move_to_end(key)
+            return list(key)
         try:
-            return check_labels(list(labels), "the request")
+            checked = check_labels(list(labels), "the request")
         except UserError as err:
             raise RequestError(422, "invalid_labels", str(err)) from None
+        self._checked[key] = None
+        while len(self._checked) > self.batching.classifiers_in_memory:
+            self._checked.popitem(last=False)
+        return checked
 
     def _check_texts(self, texts: Sequence[str], what: str, most: int) -> None:
         if len(texts) > most:
